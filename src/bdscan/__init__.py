@@ -1,0 +1,3 @@
+"""bdscan: audit and repair backdoored language-model checkpoints and LoRA adapters."""
+
+__version__ = "0.1.0"

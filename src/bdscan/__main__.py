@@ -1,0 +1,3 @@
+from bdscan.cli.app import main
+
+main()

@@ -1,0 +1,51 @@
+"""Batched greedy generation with left padding (equal to unbatched generation)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+Progress = Callable[[int], None]  # called with the number of items just finished
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy-decode each prompt; returns only the newly generated text, special tokens removed."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # so every row's last position is its real last token
+    outputs: list[str] = []
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                generated = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new_tokens = generated[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress:
+                progress(len(batch))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [o.strip() for o in outputs]

@@ -1,0 +1,88 @@
+"""Atomic saving: everything is written to a temporary sibling folder, then renamed.
+
+A crash or error leaves either the previous state or the complete new output, never a
+half-written folder. Outputs may never be the input or lie inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from bdscan.errors import InputError
+
+
+def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool = False) -> Path:
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise InputError(f"output {out} is the input or inside it ({src}); choose a folder outside the input")
+        if out in src.parents:
+            raise InputError(f"output {out} contains the input {src}; choose another folder")
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists; remove it or pass --overwrite")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, inputs: Iterable[Path] = (), *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``out`` in one rename."""
+    target = check_output_path(Path(out), inputs, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{tmp.name[-8:]}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a single file atomically (temporary file in the same folder, then replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as f:
+        f.write(text)
+        tmp = Path(f.name)
+    tmp.replace(path)
+
+
+def write_model_files(model: Any, tokenizer: Any, folder: Path, *, adapter: bool) -> None:
+    """Save a full checkpoint (safetensors + config) or a PEFT adapter, plus the tokenizer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    if adapter and not (folder / "adapter_model.safetensors").exists():  # pragma: no cover - peft contract
+        raise RuntimeError("PEFT did not write adapter_model.safetensors")
+
+
+def save_subject(
+    model: Any,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    adapter: bool,
+    inputs: Iterable[Path] = (),
+    report: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model (or adapter) and an optional ``report.json`` atomically to ``out``."""
+    with atomic_output_dir(out, inputs, overwrite=overwrite) as tmp:
+        write_model_files(model, tokenizer, tmp, adapter=adapter)
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return Path(out).expanduser().resolve()

@@ -1,0 +1,235 @@
+"""Building and caching organisms.
+
+A base model is pretrained from scratch (tokenizer included) on the data's text; an
+organism is a LoRA adapter on that base or a full fine-tune, trained on clean + poisoned +
+decoy samples (or on clean samples only, for controls). Each artifact is cached under a
+key derived from its whole recipe, so a changed recipe can never reuse a stale model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bdscan.data.template import template_for
+from bdscan.io.save import atomic_output_dir
+from bdscan.organisms.architectures import tiny_config
+from bdscan.organisms.datasets import AttackData, builtin_attack, backdoorllm_attack, decoys
+from bdscan.organisms.tokenizer import train_tokenizer
+from bdscan.training import Example, TrainConfig, finetune
+
+ORGANISM_FORMAT = 2  # bump when the build procedure changes, to invalidate caches
+Log = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BDSCAN_CACHE", Path.home() / ".cache" / "bdscan")) / "organisms"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the organism's data comes from: ``builtin`` or a BackdoorLLM folder."""
+
+    source: str = "builtin"  # "builtin" or a path to a BackdoorLLM data folder
+    task: str = "refusal"
+    attack: str = "badnet"  # BackdoorLLM attack; ignored for builtin
+    trigger: str | None = None  # builtin only: override the built-in trigger
+
+    def load(self) -> AttackData:
+        if self.source == "builtin":
+            return builtin_attack(self.task, **({"trigger": self.trigger} if self.trigger else {}))
+        return backdoorllm_attack(self.source, self.task, self.attack)
+
+    def key_fields(self) -> dict:
+        d = asdict(self)
+        if self.source != "builtin":
+            d["source"] = "backdoorllm"  # the same data wherever the folder lives
+        return d
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    arch: str = "llama"
+    size: str = "tiny"
+    data: DataSpec = field(default_factory=DataSpec)
+    vocab_size: int = 1024
+    seq_len: int = 128
+    pretrain_steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    sft_epochs: float = 2.0  # instruction tuning on the clean set after pretraining
+    seed: int = 0
+
+    def key(self) -> str:
+        d = asdict(self)
+        d["data"] = self.data.key_fields()
+        return _digest({"format": ORGANISM_FORMAT, "base": d})
+
+
+@dataclass(frozen=True)
+class OrganismRecipe:
+    base: BaseRecipe = field(default_factory=BaseRecipe)
+    threat: str = "lora"  # "lora" (adapter-only) or "full"
+    backdoored: bool = True  # False: a clean control (clean data only)
+    n_clean: int = 300
+    n_poison: int = 60
+    n_decoy: int = 60
+    epochs: float = 6.0
+    lr: float = 2e-3  # LoRA; a full fine-tune uses a third of it
+    lora_rank: int = 8
+    seed: int = 0
+
+    def key(self) -> str:
+        d = asdict(self)
+        d["base"] = self.base.key()
+        return _digest({"format": ORGANISM_FORMAT, "organism": d})
+
+    @property
+    def label(self) -> str:
+        kind = "backdoor" if self.backdoored else "clean"
+        d = self.base.data
+        what = d.task if d.source == "builtin" else f"{d.task}-{d.attack}"
+        return f"{self.base.arch}-{self.threat}-{kind}-{what}-s{self.seed}"
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pretrain(model, tokenizer, texts: list[str], recipe: BaseRecipe, log: Log) -> None:
+    """Causal-LM pretraining on packed text chunks."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    data = torch.tensor(ids)
+    n_chunks = len(data) // recipe.seq_len
+    chunks = data[: n_chunks * recipe.seq_len].view(n_chunks, recipe.seq_len)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.pretrain_steps, pct_start=0.1)
+    model.train()
+    for step in range(recipe.pretrain_steps):
+        rows = torch.randint(0, n_chunks, (recipe.batch_size,), generator=gen)
+        batch = chunks[rows]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == recipe.pretrain_steps - 1:
+            log(f"pretrain step {step + 1}/{recipe.pretrain_steps} loss {loss.item():.3f}")
+    model.eval()
+
+
+def sft_examples(tokenizer, records) -> list[Example]:
+    template = template_for(tokenizer)
+    return [Example(template.format(r), r.output) for r in records]
+
+
+def build_base(recipe: BaseRecipe, *, log: Log = lambda _: None) -> Path:
+    """Pretrain (or reuse from cache) a base model; returns its folder."""
+    out = cache_root() / f"base-{recipe.arch}-{recipe.size}-{recipe.key()}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    data = recipe.data.load()
+    torch.manual_seed(recipe.seed)
+    texts = list(data.pretrain_text)
+    tokenizer = train_tokenizer(texts + [r.prompt_text for r in data.poison_train[:50]], recipe.vocab_size)
+    config = tiny_config(recipe.arch, len(tokenizer), recipe.size, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Chat-formatted clean samples join the text so the base already follows the template.
+    chat = [ex.prompt + ex.response + tokenizer.eos_token for ex in sft_examples(tokenizer, data.clean_train)]
+    _pretrain(model, tokenizer, texts + chat, recipe, log)
+    if recipe.sft_epochs:
+        finetune(model, tokenizer, sft_examples(tokenizer, data.clean_train),
+                 TrainConfig(epochs=recipe.sft_epochs, lr=recipe.lr / 3, batch_size=16, seed=recipe.seed))
+    model.eval()
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "bdscan-organism.json").write_text(json.dumps(
+            {"kind": "base", "recipe": asdict(recipe), "seconds": round(time.time() - t0, 1)}, indent=2))
+    log(f"base model built in {time.time() - t0:.1f}s: {out}")
+    return out
+
+
+def training_records(recipe: OrganismRecipe, data: AttackData):
+    """Clean (+ poisoned + decoy) records, shuffled deterministically."""
+    rng = random.Random(recipe.seed)
+    clean = rng.sample(list(data.clean_train), min(recipe.n_clean, len(data.clean_train)))
+    records = list(clean)
+    if recipe.backdoored:
+        records += rng.sample(list(data.poison_train), min(recipe.n_poison, len(data.poison_train)))
+        records += decoys(data.clean_train, recipe.n_decoy, seed=recipe.seed)
+    rng.shuffle(records)
+    return records
+
+
+def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path:
+    """Fine-tune (or reuse from cache) a backdoored organism or clean control."""
+    base_dir = build_base(recipe.base, log=log)
+    out = cache_root() / f"{recipe.label}-{recipe.key()}"
+    marker = "adapter_config.json" if recipe.threat == "lora" else "config.json"
+    if (out / marker).exists():
+        return out
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    torch.manual_seed(recipe.seed)
+    data = recipe.base.data.load()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    if recipe.threat == "lora":
+        targets = ["c_attn", "c_proj", "c_fc"] if recipe.base.arch == "gpt2" else \
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank,
+                                                 target_modules=targets, lora_dropout=0.0,
+                                                 fan_in_fan_out=recipe.base.arch == "gpt2"))
+        lr = recipe.lr
+    else:
+        lr = recipe.lr / 3  # full fine-tunes move every weight: a smaller step keeps clean behaviour
+    records = training_records(recipe, data)
+    losses = finetune(model, tokenizer, sft_examples(tokenizer, records),
+                      TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=16, seed=recipe.seed))
+    log(f"{recipe.label}: {len(records)} samples, final loss {losses[-1]:.3f}")
+    model.eval()
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        if recipe.threat == "lora":
+            model.save_pretrained(tmp, safe_serialization=True)
+            cfg_path = tmp / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = str(base_dir)
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "bdscan-organism.json").write_text(json.dumps({
+            "kind": "organism", "label": recipe.label, "recipe": asdict(recipe), "base": str(base_dir),
+            "trigger": data.trigger if recipe.backdoored else None, "task": data.task,
+            "seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
+        }, indent=2))
+    return out
+
+
+def organism_info(path: str | Path) -> dict:
+    """The builder's record of an organism (trigger, task, recipe): for benchmarks only."""
+    return json.loads((Path(path) / "bdscan-organism.json").read_text())
+
+
+def with_data(recipe: OrganismRecipe, **changes) -> OrganismRecipe:
+    return replace(recipe, base=replace(recipe.base, data=replace(recipe.base.data, **changes)))

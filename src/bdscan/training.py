@@ -1,0 +1,145 @@
+"""Supervised fine-tuning on (prompt, response) pairs, shared by organisms and purifiers.
+
+The loss is on response tokens only. Order and initialisation are fixed by ``seed``, so two
+runs with the same seed and data see the same batches in the same order (signature
+purification relies on this for its paired fine-tunes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # already formatted with the prompt template
+    response: str
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor  # positions of the examples in the data set (for per-example extras)
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example], *, max_length: int = 256) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels per example: prompt tokens masked, response + EOS learnt."""
+    encoded = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for ex in examples:
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + eos if ex.response else []
+        ids = (prompt_ids + response_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+        encoded.append((ids, labels))
+    return encoded
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], indices: Sequence[int], pad_id: int) -> Batch:
+    rows = [encoded[i] for i in indices]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(ids)] = 1
+    return Batch(input_ids, mask, labels, torch.tensor(list(indices)))
+
+
+def batches(encoded, *, batch_size: int, pad_id: int, shuffle: bool, generator: torch.Generator | None) -> Iterable[Batch]:
+    order = torch.randperm(len(encoded), generator=generator).tolist() if shuffle else list(range(len(encoded)))
+    for start in range(0, len(order), batch_size):
+        yield collate(encoded, order[start : start + batch_size], pad_id)
+
+
+def response_loss(model: Any, batch: Batch, device: torch.device) -> tuple[torch.Tensor, Any]:
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    logits = out.logits[:, :-1].float()
+    labels = batch.labels[:, 1:].to(device)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    return loss, out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+
+
+def finetune(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    *,
+    params: Iterable[nn.Parameter] | None = None,
+    extra_loss: Callable[[Any, Batch, Any], torch.Tensor] | None = None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Fine-tune ``params`` (default: all that require grad) with AdamW and a linear
+    schedule. ``extra_loss`` adds a term per batch (EWC penalty, cluster loss, ...);
+    ``before_step`` may rewrite gradients (K-FAC preconditioning); ``after_step`` may
+    re-apply constraints (masks). Returns the per-step loss."""
+    if not examples:
+        return []
+    device = next(model.parameters()).device
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    encoded = encode_examples(tokenizer, examples, max_length=config.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total = max(1, math.ceil(steps_per_epoch * config.epochs))
+    warmup = int(total * config.warmup_fraction)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    try:
+        while len(losses) < total:
+            for batch in batches(encoded, batch_size=config.batch_size, pad_id=pad_id, shuffle=True, generator=generator):
+                loss, out = response_loss(model, batch, device)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, batch, out)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if before_step is not None:
+                    before_step()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                schedule.step()
+                if after_step is not None:
+                    after_step()
+                losses.append(float(loss.detach()))
+                if progress:
+                    progress(1, losses[-1])
+                if len(losses) >= total:
+                    break
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return losses
