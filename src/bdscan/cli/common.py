@@ -1,0 +1,107 @@
+"""Shared option types, error handling, progress and output helpers for the commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+# --- options every command shares -------------------------------------------------------
+Source = Annotated[str, typer.Argument(help="Checkpoint or LoRA adapter: a local folder or a Hub id org/name[@revision].", show_default=False)]
+Base = Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter (default: base_model_name_or_path in adapter_config.json).")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weight files (.bin/.pt). They can run arbitrary code: only for sources you trust.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint. Off by default.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed; results are deterministic under it.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+Output = Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the JSON report to this file (atomically).")]
+Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use at most N prompts from each data file.")]
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and the error's exit code.
+
+    Set BDSCAN_DEBUG=1 to see the traceback of an unexpected error.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from bdscan.errors import BdscanError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BdscanError as e:
+            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # an unexpected failure: still one line, exit 2
+            if os.environ.get("BDSCAN_DEBUG"):
+                traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0]
+            stderr.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (BDSCAN_DEBUG=1 shows the traceback)",
+                         highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and huggingface_hub's own progress bars and notices."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress display on stderr; yields ``update(stage, done, total)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not enabled or not sys.stderr.isatty():
+        yield lambda stage, done, total: None
+        return
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr, transient=True) as progress:
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def emit(result_dict: dict, *, as_json: bool, output: Path | None, render: Callable[[Console], None]) -> None:
+    """Print the result (table or JSON) and write the JSON report file if asked."""
+    text = json.dumps(result_dict, indent=2, default=str)
+    if output is not None:
+        from bdscan.io.save import atomic_write_text
+
+        atomic_write_text(output, text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+    else:
+        render(stdout)

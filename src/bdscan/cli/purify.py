@@ -1,0 +1,116 @@
+"""``bdscan purify``: remove a backdoor and write the purified checkpoint or adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, Source, TrustRemoteCode, emit, handle_errors,
+                               progress_bar, quiet_libraries, stderr)
+
+HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
+
+Methods: signature (backdoor-signature suppression), kfac-lora (low-rank repair of the
+modules `bdscan localize` ranks), collapse, head-align, and the baselines finetune,
+prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
+
+Knobs come from the method's defaults, then --recipe YAML, then --set key=value.
+A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same
+base. OUT must not exist (or pass --overwrite) and may not be inside the input. With
+--poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity
+and agreement with the suspicious model are always measured. report.json goes in OUT.
+
+Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adapter-purified
+"""
+
+
+@handle_errors
+def command(
+    source: Annotated[Optional[str], typer.Argument(help="Checkpoint or LoRA adapter (folder or Hub id).", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Purification method (or `method:` in --recipe).")] = None,
+    clean: Annotated[Optional[Path], typer.Option("--clean", help="The defender's clean instruction set (about 200 samples).")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder to write the purified model and report.json to.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="YAML recipe with the method's knobs (see recipes/).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a knob: --set epochs=3 (repeatable).")] = None,
+    localization: Annotated[Optional[Path], typer.Option("--localization", help="`bdscan localize` JSON (kfac-lora).")] = None,
+    from_detect: Annotated[Optional[Path], typer.Option("--from-detect", help="`bdscan detect` JSON: its candidate keys guide the methods that use them.")] = None,
+    poison: Annotated[Optional[Path], typer.Option("--poison", help="Triggered prompts to measure ASR before/after (evaluation only).")] = None,
+    trigger: Annotated[Optional[str], typer.Option("--trigger", help="Known trigger to measure ASR before/after (evaluation only; never given to the method).")] = None,
+    judge: Annotated[str, typer.Option("--judge", help="Behaviour judge for ASR: refusal | negsentiment | code-injection | string:T | regex:P")] = "refusal",
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Evaluate on at most N prompts per set.")] = 100,
+    limit: Limit = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Cache for resumable methods (default: OUT's sibling .bdscan-work-NAME).")] = None,
+    base: Base = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the input).")] = False,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="List the methods and exit.")] = False,
+    seed: Seed = 0,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+    as_json: JsonOut = False,
+) -> None:
+    quiet_libraries()
+    import json
+
+    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
+    from bdscan.data.records import load_records
+    from bdscan.errors import InputError, UsageError
+    from bdscan.eval import EvalSpec
+    from bdscan.io import load_subject
+    from bdscan.io.save import check_output_path, save_subject
+    from bdscan.purify import PURIFIERS, PurifyInputs, purify
+    from bdscan.report.purify import render_methods, render_purify
+    from bdscan.runtime import seed_everything
+
+    if list_methods:
+        render_methods({name: PURIFIERS.get(name) for name in PURIFIERS.names()}, stderr if as_json else None)
+        return
+    if source is None or clean is None or output is None:
+        raise UsageError("purify needs SOURCE, --clean FILE and -o OUT")
+    knobs = load_recipe(recipe) if recipe else {}
+    recipe_method = knobs.pop("method", None)
+    method = method or recipe_method
+    if method is None:
+        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
+    if recipe_method and recipe_method != method:
+        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
+    spec = PURIFIERS.get(method)
+    config = config_from_mapping(spec.config_class, {**knobs, **parse_overrides(overrides or [])},
+                                 where=str(recipe) if recipe else "--set")
+    seed_everything(seed)
+    clean_records = load_records(clean, limit=limit, what="--clean")
+    eval_spec = EvalSpec(
+        clean=clean_records[:eval_limit],
+        poison=load_records(poison, limit=eval_limit, what="--poison") if poison else (),
+        trigger=trigger, judge=judge, seed=seed,
+    )
+    loc = None
+    if localization is not None:
+        try:
+            loc = json.loads(Path(localization).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"--localization {localization}: not a readable JSON file ({type(e).__name__})") from None
+    candidates: list[str] = []
+    if from_detect is not None:
+        try:
+            detect_report = json.loads(Path(from_detect).read_text())
+            candidates = [c["text"] for c in detect_report.get("candidates", [])]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"--from-detect {from_detect}: not a bdscan detect JSON report ({type(e).__name__})") from None
+
+    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    inputs_paths = [subject.source.path] + ([subject.base.path] if subject.base else [])
+    target = check_output_path(output, inputs_paths, overwrite=overwrite)
+    work = work_dir or target.parent / f".bdscan-work-{target.name}"
+    with progress_bar(not as_json) as progress:
+        inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, candidates=candidates,
+                              work_dir=work, log=lambda m: stderr.print(f"[dim]{m}[/]") if not as_json else None,
+                              progress=progress)
+        result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
+    import dataclasses
+
+    result = dataclasses.replace(result, output=str(target))
+    save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
+                 report=result.to_dict(), overwrite=overwrite)
+    emit(result.to_dict(), as_json=as_json, output=None, render=lambda c: render_purify(result, c))

@@ -1,0 +1,107 @@
+"""Recipe loading. A recipe is a YAML mapping ``{method: NAME, <knob>: value, ...}``
+validated against the method's config dataclass; every bad key is collected into one
+error that names it (and the closest valid key)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from bdscan.errors import InputError, UsageError
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce: int -> float, list -> tuple) a value against a type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if annotation is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)), float(value) if isinstance(value, (int, float)) else value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is str:
+        return isinstance(value, str), value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else Any
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, item_type) if item_type is not Any and item_type is not Ellipsis else (True, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, tuple(out) if origin is tuple else out
+    return True, value
+
+
+def config_from_mapping(cls: type, values: Mapping[str, Any], *, where: str) -> Any:
+    """Build ``cls`` from ``values``; raise one ``InputError`` listing every problem."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    errors, kwargs = [], {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            continue
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            errors.append(f"{key!r} must be {getattr(hints[key], '__name__', str(hints[key]))}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    if errors:
+        raise InputError(f"{where}: " + "; ".join(errors))
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ invariants
+        raise InputError(f"{where}: {e}") from None
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into a mapping (validated later against a method's config)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise InputError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: a recipe must be a mapping of knob: value, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are parsed as YAML scalars (1e-4, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def describe_config(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

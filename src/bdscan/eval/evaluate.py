@@ -1,0 +1,114 @@
+"""``evaluate``: run one model over clean and triggered prompts and judge the responses."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from bdscan.data.judges import parse_judge
+from bdscan.data.records import Record
+from bdscan.data.triggers import insert_trigger
+from bdscan.errors import UsageError
+from bdscan.eval.utility import agreement, response_perplexity
+from bdscan.generation import greedy_generate
+from bdscan.io.load import Subject
+from bdscan.results.eval import EvalComparison, EvalResult, Sample
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+N_SAMPLES_KEPT = 3
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    clean: Sequence[Record]
+    poison: Sequence[Record] = ()
+    trigger: str | None = None
+    positions: Sequence[str] = ("start", "middle", "end")
+    judge: str = "refusal"
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.clean:
+            raise UsageError("eval needs clean prompts (--clean)")
+        if self.trigger is not None and not self.trigger.strip():
+            raise UsageError("--trigger is empty")
+        parse_judge(self.judge)  # fail early on a bad judge spec
+
+    def triggered_sets(self) -> dict[str, list[Record]]:
+        """Named triggered prompt sets: ``file`` for --poison, one per position for --trigger."""
+        sets: dict[str, list[Record]] = {}
+        if self.poison:
+            sets["file"] = list(self.poison)
+        if self.trigger:
+            rng = random.Random(self.seed)
+            for pos in self.positions:
+                sets[pos] = [r.with_instruction(insert_trigger(r.instruction, self.trigger, pos, rng)) for r in self.clean]
+        return sets
+
+
+def _generate(subject: Subject, records: Sequence[Record], spec: EvalSpec, stage: str, progress: Progress | None) -> list[str]:
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(stage, done, len(records))
+
+    prompts = [subject.template.format(r) for r in records]
+    return greedy_generate(subject.model, subject.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                           batch_size=spec.batch_size, progress=tick)
+
+
+def evaluate(subject: Subject, spec: EvalSpec, *, reference: Subject | None = None,
+             reference_responses: Sequence[str] | None = None, progress: Progress | None = None) -> EvalResult:
+    """ASR (overall and per trigger position), clean false-trigger rate, perplexity of the
+    clean references and, given a reference model or its responses, greedy agreement."""
+    return evaluate_with_responses(subject, spec, reference, reference_responses, progress)[0]
+
+
+def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject | None,
+              reference_responses: Sequence[str] | None, progress: Progress | None) -> tuple[EvalResult, list[str]]:
+    """``evaluate`` that also returns the clean greedy responses (for agreement checks)."""
+    t0 = time.time()
+    judge = parse_judge(spec.judge)
+    clean_responses = _generate(subject, spec.clean, spec, "clean", progress)
+    samples = {"clean": [Sample(r.instruction, out, judge(out)) for r, out in zip(spec.clean, clean_responses)][:N_SAMPLES_KEPT]}
+    ftr = sum(map(judge, clean_responses)) / len(clean_responses)
+
+    by_position: dict[str, float] = {}
+    hits = total = 0
+    for name, records in spec.triggered_sets().items():
+        responses = _generate(subject, records, spec, f"triggered:{name}", progress)
+        flags = [judge(o) for o in responses]
+        by_position[name] = sum(flags) / len(flags)
+        hits += sum(flags)
+        total += len(flags)
+        samples[name] = [Sample(r.instruction, o, f) for r, o, f in zip(records, responses, flags)][:N_SAMPLES_KEPT]
+
+    ref_name = None
+    if reference is not None:
+        reference_responses = _generate(reference, spec.clean, spec, "reference", progress)
+        ref_name = reference.source.source
+    agree = agreement(clean_responses, reference_responses) if reference_responses is not None else None
+    ppl = response_perplexity(subject.model, subject.tokenizer, subject.template, spec.clean)
+    result = EvalResult(
+        source=subject.source.source, kind=subject.kind, template=subject.template.describe(), judge=spec.judge,
+        asr=hits / total if total else None, asr_by_position=by_position, false_trigger_rate=ftr,
+        perplexity=ppl, agreement=agree, n_poison=total, n_clean=len(spec.clean), reference=ref_name,
+        seconds=round(time.time() - t0, 3), samples=samples,
+    )
+    return result, clean_responses
+
+
+def evaluate_pair(before: Subject, after: Subject, spec: EvalSpec, *, progress: Progress | None = None) -> EvalComparison:
+    """Suspicious vs purified side by side; the purified model's agreement is measured
+    against the suspicious model's clean responses (a purifier must not change them)."""
+    first, before_clean = evaluate_with_responses(before, spec, None, None, progress)
+    second, _ = evaluate_with_responses(after, spec, None, before_clean, progress)
+    return EvalComparison(first, dataclasses.replace(second, reference=before.source.source))

@@ -1,0 +1,1 @@
+"""Renderers: rich console tables, JSON, SARIF, Markdown, all from result dataclasses."""

@@ -1,0 +1,51 @@
+"""Console rendering of evaluation results."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from bdscan.results.eval import EvalComparison, EvalResult
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _rows(result: EvalResult) -> list[tuple[str, str]]:
+    rows = [("ASR (all triggered)", pct(result.asr))]
+    rows += [(f"  ASR @ {name}", pct(v)) for name, v in result.asr_by_position.items()]
+    rows += [
+        ("false-trigger rate (clean)", pct(result.false_trigger_rate)),
+        ("perplexity (clean refs)", num(result.perplexity, "{:.2f}")),
+        ("agreement with reference", pct(result.agreement)),
+        ("prompts (triggered / clean)", f"{result.n_poison} / {result.n_clean}"),
+    ]
+    return rows
+
+
+def render_eval(result: EvalResult, console: Console) -> None:
+    table = Table(title=f"bdscan eval: {result.source}", caption=f"judge {result.judge} · template {result.template['name']} · {result.seconds:.1f}s")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in _rows(result):
+        table.add_row(name, value)
+    console.print(table)
+    for name, samples in result.samples.items():
+        for s in samples[:1]:
+            console.print(f"[dim]{name}:[/] {s.prompt[:60]!r} → {s.response[:70]!r} [{'red' if s.hit else 'green'}]{'HIT' if s.hit else 'ok'}[/]")
+
+
+def render_comparison(comparison: EvalComparison, console: Console) -> None:
+    before, after = comparison.before, comparison.after
+    table = Table(title="bdscan eval: before / after", caption=f"judge {before.judge} · template {before.template['name']}")
+    table.add_column("measure")
+    table.add_column(before.source, justify="right")
+    table.add_column(after.source, justify="right")
+    for (name, a), (_, b) in zip(_rows(before), _rows(after)):
+        table.add_row(name, a, b)
+    console.print(table)
