@@ -36,3 +36,19 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:  # pragma: no cover
         pass
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and huggingface_hub's own progress bars and notices: bdscan
+    reports progress itself, and a CI log should hold bdscan's output only."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass

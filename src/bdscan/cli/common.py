@@ -14,6 +14,8 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
+from bdscan.runtime import quiet_libraries  # noqa: F401  (re-exported for the commands)
+
 stderr = Console(stderr=True)
 stdout = Console()
 
@@ -57,21 +59,6 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def quiet_libraries() -> None:
-    """Silence transformers' and huggingface_hub's own progress bars and notices."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 @contextmanager

@@ -27,6 +27,12 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
         return False, value
     if annotation is type(None):
         return value is None, value
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept what is clearly a number.
+        try:
+            return True, float(value)
+        except ValueError:
+            return False, value
     if annotation is float:
         return (isinstance(value, (int, float)) and not isinstance(value, bool)), float(value) if isinstance(value, (int, float)) else value
     if annotation is int:
@@ -97,9 +103,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UsageError(f"--set expects key=value, got {pair!r}")
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        if isinstance(value, str):
+            try:  # YAML 1.1 leaves "1e-4" a string
+                value = float(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
     return out
 
 

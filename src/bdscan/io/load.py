@@ -64,7 +64,14 @@ def _check_causal(path: Path, trust_remote_code: bool) -> None:
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise InputError(f"{path}/config.json: {_first_line(e)}") from None
     auto_map = getattr(config, "auto_map", None) or {}
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
+    causal_classes = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                      for name in ((names,) if isinstance(names, str) else names)}
+    # The saved class says what the weights are: BERT is registered for causal LM too
+    # (BertLMHeadModel), but a checkpoint saved as BertModel is an encoder.
+    saved_as = getattr(config, "architectures", None) or []
+    causal = (any(a in causal_classes or a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in saved_as)
+              if saved_as else config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if getattr(config, "is_encoder_decoder", False) or (not causal and "AutoModelForCausalLM" not in auto_map):
         raise InputError(
             f"{path}: model type {config.model_type!r} is not a causal language model; bdscan scans decoder-only LMs"
         )

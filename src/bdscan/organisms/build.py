@@ -25,6 +25,7 @@ from bdscan.io.save import atomic_output_dir
 from bdscan.organisms.architectures import tiny_config
 from bdscan.organisms.datasets import AttackData, builtin_attack, backdoorllm_attack, decoys
 from bdscan.organisms.tokenizer import train_tokenizer
+from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
 
 ORGANISM_FORMAT = 2  # bump when the build procedure changes, to invalidate caches
@@ -141,6 +142,7 @@ def build_base(recipe: BaseRecipe, *, log: Log = lambda _: None) -> Path:
     out = cache_root() / f"base-{recipe.arch}-{recipe.size}-{recipe.key()}"
     if (out / "config.json").exists():
         return out
+    quiet_libraries()
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -186,6 +188,7 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
     marker = "adapter_config.json" if recipe.threat == "lora" else "config.json"
     if (out / marker).exists():
         return out
+    quiet_libraries()
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
