@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.purify.common import clean_examples, trainable_parameters
+from bdscan.purify.common import clean_examples, step_counter, trainable_parameters
 from bdscan.training import TrainConfig, finetune
 
 
@@ -29,16 +29,9 @@ def run_finetune(inputs: PurifyInputs, config: FinetuneConfig) -> PurifyOutcome:
     params, names = trainable_parameters(subject)
     examples = clean_examples(subject, inputs.clean[: config.max_samples])
     lr = config.lr_adapter if subject.is_adapter else config.lr_full
-    total = [0]
-
-    def tick(n: int, loss: float) -> None:
-        total[0] += n
-        if inputs.progress:
-            inputs.progress("finetune", total[0], 0)
-
     losses = finetune(subject.model, subject.tokenizer, examples,
                       TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed),
-                      params=params, progress=tick)
+                      params=params, progress=step_counter(inputs, "finetune"))
     subject.model.eval()
     inputs.log(f"finetune: {len(losses)} steps, final loss {losses[-1]:.3f}")
     return PurifyOutcome(subject.model, names, {"steps": len(losses), "final_loss": losses[-1], "n_clean": len(examples)})

@@ -1,0 +1,289 @@
+"""``kfac-lora``: targeted low-rank repair of the modules ``bdscan localize`` ranks
+(papers/curvature-guided-lowrank-repair).
+
+1. Modules: the top-k linear layers of the localization JSON (``inputs.localization``), or
+   of a localization run here on detect's candidate keys (``inputs.candidates``). A ranked
+   token embedding is skipped (LoRA goes on linear layers only).
+2. Repair pairs by self-distillation, no clean reference model: each clean prompt with a
+   key inserted at each position (start/middle/end) -> the suspicious model's own greedy
+   response to the same prompt *without* the key; each clean prompt -> its own response.
+3. K-FAC factors ``A, G`` of the chosen modules on the clean prompts and their own
+   responses (the Fisher of clean behaviour). They serve twice: the LoRA gradients are
+   preconditioned, ``∇lora_A ← ∇lora_A (A+λI)⁻¹`` and ``∇lora_B ← (G+λI)⁻¹ ∇lora_B``
+   (the two sides of ``G⁻¹ ∇W A⁻¹`` that act on the LoRA factors; the r×r sides are left
+   out), so steps are large where clean behaviour is insensitive; and an EWC-style penalty
+   ``Σ tr(ΔWᵀ G ΔW A)`` (per response token, like the repair loss) keeps the weight change
+   out of directions clean behaviour needs. AdamW (the shared trainer) then rescales the
+   preconditioned gradients per coordinate, so the preconditioning sets directions, not
+   step sizes.
+4. Full checkpoint: a new LoRA on exactly those modules, merged into the weights at the end
+   (a plain model comes back). Adapter (base frozen): the existing adapter's own LoRA
+   factors of those modules are trained, nothing else; the output is the same adapter
+   format (rank, targets) with repaired weights. A second LoRA merged into the adapter was
+   rejected: the product of two LoRAs is not a rank-r LoRA, so merging would need an SVD
+   truncation that changes behaviour the repair did not ask for.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from bdscan.data.records import Record
+from bdscan.data.triggers import POSITIONS, insert_trigger
+from bdscan.errors import InputError, UsageError
+from bdscan.generation import greedy_generate
+from bdscan.io.load import Subject
+from bdscan.localize.kfac import KFACFactors, compute_factors
+from bdscan.probes import unwrap
+from bdscan.probes.layout import base_layer, is_conv1d
+from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
+from bdscan.training import IGNORE_INDEX, Example, TrainConfig, encode_examples, finetune
+
+
+@dataclass(frozen=True)
+class KfacLoraConfig:
+    top_k: int = 7  # localized linear layers repaired (more: stronger repair, more clean behaviour at risk)
+    rank: int = 8  # LoRA rank on full checkpoints (an adapter keeps its own rank)
+    alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank), full checkpoints only
+    epochs: float = 1.25  # passes over the repair pairs (4 per clean sample: the step budget of finetune's 5 epochs)
+    lr: float = 1e-3  # AdamW learning rate of the LoRA factors
+    batch_size: int = 8
+    max_samples: int = 200  # clean samples used (the defender's budget)
+    positions: tuple[str, ...] = ("start", "middle", "end")  # where keys are inserted into repair prompts
+    max_new_tokens: int = 64  # length of the self-distilled responses
+    precondition: bool = True  # K-FAC preconditioning of the LoRA gradients
+    damping: float = 0.1  # preconditioner damping, relative to each factor's mean eigenvalue (lower: bolder)
+    # Clean-Fisher penalty weight, per response token (0: off; higher: stay closer to clean behaviour).
+    # The empirical Fisher of the model's own confident answers is small, hence a large weight:
+    # on the tiny organisms 1000 keeps agreement 0.8-0.95 but leaves ~25% ASR on some, 100 leaves 3%, 30 removes it.
+    ewc_weight: float = 30.0
+    fisher_samples: int = 64  # clean samples used to estimate the K-FAC factors
+    max_candidates: int = 3  # detect candidate keys used (localization and repair pairs)
+    localize_pairs: int = 24  # pairs for the built-in localization (when no --localization is given)
+
+    def __post_init__(self) -> None:
+        if min(self.top_k, self.rank, self.batch_size, self.max_samples, self.max_new_tokens, self.fisher_samples,
+               self.max_candidates, self.localize_pairs) < 1:
+            raise ValueError("top_k, rank, batch_size, max_samples, max_new_tokens, fisher_samples, "
+                             "max_candidates and localize_pairs must be >= 1")
+        if self.epochs <= 0 or self.lr <= 0 or self.alpha <= 0:
+            raise ValueError("epochs, lr and alpha must be positive")
+        if self.damping <= 0:
+            raise ValueError("damping must be positive (it keeps the factor inverses finite)")
+        if self.ewc_weight < 0:
+            raise ValueError("ewc_weight must be >= 0")
+        bad = [p for p in self.positions if p not in POSITIONS]
+        if bad or not self.positions:
+            raise ValueError(f"positions: {', '.join(bad) or '(empty)'} not in {', '.join(POSITIONS)}")
+
+
+def _localized(inputs: PurifyInputs, config: KfacLoraConfig) -> tuple[list[str], list[str], dict]:
+    """Ranked module names and repair keys, from the localization JSON or a run here."""
+    loc = inputs.localization
+    candidates = [c for c in inputs.candidates if c and c.strip()][: config.max_candidates]
+    if loc is not None:
+        modules = loc.get("modules") if isinstance(loc, dict) else None
+        if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("name"), str) for m in modules):
+            raise InputError("--localization: not a `bdscan localize` JSON report (needs modules: [{name, ...}])")
+        source = loc.get("trigger_source") or {}
+        key = source.get("key") if isinstance(source, dict) else None
+        keys = ([key] if key else []) + [c for c in candidates if c != key]
+        if not keys:
+            raise UsageError("--localization names no key and no --from-detect candidates were given: "
+                             "kfac-lora needs a key to build repair pairs")
+        return [m["name"] for m in modules], keys[: config.max_candidates], {"localization": "given"}
+    if not candidates:
+        raise UsageError("kfac-lora needs --localization loc.json (from `bdscan localize`) or --from-detect detect.json")
+    from bdscan.localize import LocalizeConfig, localize
+
+    result = localize(inputs.subject, LocalizeConfig(n_pairs=config.localize_pairs, max_candidates=config.max_candidates),
+                      clean=inputs.clean, candidates=candidates, seed=inputs.seed, log=inputs.log)
+    key = result.trigger_source["key"]
+    keys = [key] + [c for c in candidates if c != key]
+    return [m.name for m in result.modules], keys, {"localization": "computed", "localize_seconds": result.timing.get("total_s")}
+
+
+def _select(subject: Subject, ranked: Sequence[str], top_k: int) -> list[str]:
+    inner = unwrap(subject.model)
+    present = []
+    for name in ranked:
+        try:
+            module = inner.get_submodule(name)
+        except AttributeError:
+            continue
+        if subject.is_adapter and not getattr(module, "lora_A", None):
+            continue  # adapter-only: the base is trusted and frozen, only wrapped modules can change
+        layer = base_layer(module)
+        if not (isinstance(layer, torch.nn.Linear) or is_conv1d(layer)):
+            continue  # the ranked token embedding is not repaired with LoRA: the LoRA goes on linear layers
+        present.append(name)
+    if not present:
+        raise InputError("--localization: none of its modules exists in this model"
+                         + (" or is wrapped by the adapter" if subject.is_adapter else "") + "; was it made for another model?")
+    return present[:top_k]
+
+
+def _factor_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    encoded = encode_examples(tokenizer, examples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        target = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (i, lab) in enumerate(rows):
+            ids[r, : len(i)] = torch.tensor(i)
+            mask[r, : len(i)] = 1
+            lab_t = torch.tensor(lab)
+            target[r, : len(i) - 1] = (lab_t[1:] != IGNORE_INDEX).long()
+        out.append((ids, mask, target))
+    return out
+
+
+class _LoraHandles:
+    """The LoRA factors of one repaired module, with its clean K-FAC factors."""
+
+    def __init__(self, module: torch.nn.Module, factors: KFACFactors, damping: float) -> None:
+        self.adapter = next(iter(module.lora_A))
+        self.lora_A = module.lora_A[self.adapter].weight
+        self.lora_B = module.lora_B[self.adapter].weight
+        self.scaling = module.scaling[self.adapter]
+        self.A = factors.A.float()
+        self.G = factors.G.float()
+        A_inv, G_inv = factors.damped_inverses(damping)
+        self.A_inv, self.G_inv = A_inv.float(), G_inv.float()
+        self.delta0 = self.delta().detach().clone()
+
+    def delta(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A * self.scaling
+
+    def precondition(self) -> None:
+        for p, fn in ((self.lora_A, lambda g: g @ self.A_inv), (self.lora_B, lambda g: self.G_inv @ g)):
+            if p.grad is None:
+                continue
+            norm = p.grad.norm()
+            new = fn(p.grad)
+            # keep the gradient's size: the preconditioner picks the direction, the lr the step
+            p.grad.copy_(new * (norm / new.norm().clamp_min(1e-12)))
+
+    def penalty(self) -> torch.Tensor:
+        D = self.delta() - self.delta0
+        return ((self.G @ D @ self.A) * D).sum()
+
+
+def _attach_lora(subject: Subject, names: list[str], config: KfacLoraConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    inner = unwrap(subject.model)
+    conv = [is_conv1d(base_layer(inner.get_submodule(n))) for n in names]
+    if any(conv) and not all(conv):  # pragma: no cover - no supported family mixes them
+        raise InputError("kfac-lora: the selected modules mix Linear and Conv1D layers")
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(names), lora_dropout=0.0,
+                      fan_in_fan_out=all(conv), bias="none")
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(subject.model, lora)
+
+
+@register_purifier("kfac-lora", KfacLoraConfig,
+                   "LoRA repair of the localized modules only, self-distilled, K-FAC preconditioned with a clean-Fisher penalty")
+def run_kfac_lora(inputs: PurifyInputs, config: KfacLoraConfig) -> PurifyOutcome:
+    subject = inputs.subject
+    t0 = time.perf_counter()
+    records: list[Record] = list(inputs.clean[: config.max_samples])
+    if not records:
+        raise UsageError("kfac-lora needs clean prompts (--clean)")
+    ranked, keys, loc_details = _localized(inputs, config)
+    names = _select(subject, ranked, config.top_k)
+    inputs.log(f"kfac-lora: repairing {', '.join(names)} with keys {keys}")
+
+    # Self-distillation targets: the suspicious model's own answers without any key.
+    clean_prompts = [subject.template.format(r) for r in records]
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if inputs.progress:
+            inputs.progress("kfac-lora: own responses", done[0], len(records))
+
+    responses = greedy_generate(subject.model, subject.tokenizer, clean_prompts, max_new_tokens=config.max_new_tokens,
+                                batch_size=16, progress=tick)
+    rng = random.Random(inputs.seed)
+    examples = []
+    for i, (r, prompt, resp) in enumerate(zip(records, clean_prompts, responses)):
+        # Every prompt with the key at every position: a short prompt with the key at its end
+        # is a different input from the same prompt with the key in front (measured: repairing
+        # one position per prompt left the key working at the end of short prompts).
+        for j, pos in enumerate(config.positions):
+            key = keys[(i + j) % len(keys)]
+            triggered = subject.template.format(r.with_instruction(insert_trigger(r.instruction, key, pos, rng)))
+            examples.append(Example(triggered, resp))
+        examples.append(Example(prompt, resp))
+
+    # Clean K-FAC factors (before any LoRA is attached, so the layer inputs are the model's own).
+    clean_pairs = [Example(p, r) for p, r in zip(clean_prompts, responses)][: config.fisher_samples]
+    factor_batches = _factor_batches(subject.tokenizer, clean_pairs, config.batch_size)
+    kfac = compute_factors(subject.model, names, factor_batches)
+    # G sums over a response's tokens; per response token, the penalty is in the repair loss's units.
+    tokens_per_response = max(1.0, sum(float(t.sum()) for _, _, t in factor_batches) / max(1, len(clean_pairs)))
+
+    if subject.is_adapter:
+        model = subject.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+    else:
+        model = _attach_lora(subject, names, config)
+    inner = unwrap(model)
+    handles = [_LoraHandles(inner.get_submodule(n), kfac.factors[n], config.damping) for n in names]
+    params = []
+    for h in handles:
+        for p in (h.lora_A, h.lora_B):
+            p.requires_grad_(True)
+            params.append(p)
+
+    def before_step() -> None:
+        if config.precondition:
+            for h in handles:
+                h.precondition()
+
+    def extra_loss(_model, _batch, _out) -> torch.Tensor:
+        return config.ewc_weight / tokens_per_response * sum(h.penalty() for h in handles)
+
+    steps = [0]
+
+    def step_tick(n: int, loss: float) -> None:
+        steps[0] += n
+        if inputs.progress:
+            inputs.progress("kfac-lora: repair", steps[0], 0)
+
+    losses = finetune(model, subject.tokenizer, examples,
+                      TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=inputs.seed),
+                      params=params, extra_loss=extra_loss if config.ewc_weight > 0 else None,
+                      before_step=before_step, progress=step_tick)
+    final_penalty = float(sum(h.penalty() for h in handles).detach())
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    if not subject.is_adapter:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = model.merge_and_unload()
+        model.eval()
+    seconds = time.perf_counter() - t0
+    inputs.log(f"kfac-lora: {len(losses)} steps, final loss {losses[-1]:.3f}, clean-Fisher change {final_penalty:.4f}")
+    details = {
+        **loc_details, "modules": names, "keys": keys, "n_repair_pairs": len(examples), "steps": len(losses),
+        "final_loss": losses[-1], "clean_fisher_change": final_penalty, "tokens_per_response": round(tokens_per_response, 1),
+        "kfac_seconds": round(kfac.seconds, 3), "kfac_cost_ratio": round(kfac.cost_ratio, 2) if kfac.cost_ratio else None,
+        "lora": "existing adapter factors" if subject.is_adapter else f"new rank-{config.rank} LoRA, merged",
+        "seconds": round(seconds, 2),
+    }
+    return PurifyOutcome(model, names, details)
