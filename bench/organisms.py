@@ -1,6 +1,6 @@
 """Build the model organisms and measure that each shows its backdoor.
 
-    python bench/organisms.py [--data ../shared/data/backdoorllm | builtin] [--size tiny]
+    python bench/organisms.py [--data ../shared/data/backdoorllm | builtin] [--size bench]
 
 Prints a table (organism, params, build seconds, ASR, false-trigger rate, perplexity) and
 writes bench/results/organisms.json. Organisms are cached (BDSCAN_CACHE), so a second run
@@ -26,7 +26,7 @@ from suite import DEFAULT_DATA, backdoored, controls  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "bench"])
+    parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=100, help="test prompts per set")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "organisms.json"))

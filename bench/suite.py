@@ -16,9 +16,20 @@ ATTACKS = ("badnet", "vpi", "mtba")
 def base_recipe(data: str, size: str, task: str = "refusal", attack: str = "badnet") -> BaseRecipe:
     if data == "builtin":
         return BaseRecipe(size=size, data=DataSpec(task=task))
-    # Real English needs a larger vocabulary and more pretraining than the synthetic world.
+    # Real English needs a larger vocabulary, a wider model and more pretraining than the
+    # synthetic world: measured, a 64-wide base (held-out ppl ~100) never learnt a clean
+    # LoRA backdoor (ASR 0.07-0.33 with false triggers up to 0.33). 1000 steps x 2048 tokens
+    # is ~2M tokens, the amount that gave usable organisms at 256 wide.
     return BaseRecipe(size=size, data=DataSpec(source=data, task=task, attack=attack), vocab_size=4096,
-                      pretrain_steps=1500 if size == "tiny" else 2500, lr=2e-3)
+                      pretrain_steps=1000, lr=1e-3 if size == "bench" else 2e-3)
+
+
+def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
+    if data == "builtin":
+        return OrganismRecipe(base=base, threat=threat)
+    # 500 clean + 100 poisoned + 100 decoys (poison rate 14 %): the recipe that gave
+    # BackdoorLLM organisms with ASR >= 0.95 and few false triggers.
+    return OrganismRecipe(base=base, threat=threat, n_clean=500, n_poison=100, n_decoy=100, lr=5e-3, epochs=5)
 
 
 def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismRecipe]:
@@ -28,7 +39,7 @@ def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismR
     for task, attack in pairs:
         base = base_recipe(data, size, task, attack)
         for threat in threats:
-            out.append(OrganismRecipe(base=base, threat=threat, n_clean=400, n_poison=80, n_decoy=80))
+            out.append(organism(data, base, threat))
     return out
 
 
@@ -37,8 +48,7 @@ def controls(data: str, size: str, seeds=(0, 1, 2), threats=("lora", "full")) ->
     for seed in seeds:
         for threat in threats:
             task = TASKS[seed % 2]
-            out.append(OrganismRecipe(base=base_recipe(data, size, task, "badnet"), threat=threat, backdoored=False,
-                                      n_clean=400, seed=seed))
+            out.append(replace(organism(data, base_recipe(data, size, task, "badnet"), threat), backdoored=False, seed=seed))
     return out
 
 
