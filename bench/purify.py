@@ -42,9 +42,12 @@ def main() -> None:
     parser.add_argument("--clean-n", type=int, default=200, help="the defender's clean samples")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="METHOD.KEY=VALUE knob override, e.g. signature.selection=per_layer (repeatable)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "purify.json"))
     args = parser.parse_args()
 
+    from bdscan.config import config_from_mapping, parse_overrides
     from bdscan.detect import DetectConfig, detect
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
@@ -57,6 +60,10 @@ def main() -> None:
     quiet_libraries()
     console = Console()
     methods = args.methods.split(",") if args.methods else PURIFIERS.names()
+    knobs: dict[str, dict] = {}
+    for item in args.overrides:
+        method_name, _, assignment = item.partition(".")
+        knobs.setdefault(method_name, {}).update(parse_overrides([assignment]))
     threats = tuple(args.threats.split(","))
     rows = []
     for recipe in backdoored(args.data, args.size, threats=threats):
@@ -89,7 +96,7 @@ def main() -> None:
                 if mode != "blind" and not keys:
                     console.print(f"[yellow]{recipe.label} {method} {mode}: no trigger known (multi-trigger attack); skipped[/]")
                     continue
-                config = PURIFIERS.get(method).config_class()
+                config = config_from_mapping(PURIFIERS.get(method).config_class, knobs.get(method, {}), where="--set")
                 inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed, localization=localization,
                                       candidates=keys)
                 try:
@@ -127,7 +134,8 @@ def main() -> None:
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": args.data, "size": args.size, "rows": rows}, indent=2, default=str))
+    out.write_text(json.dumps({"data": args.data, "size": args.size, "overrides": args.overrides, "rows": rows},
+                              indent=2, default=str))
     console.print(f"wrote {out}")
 
 
