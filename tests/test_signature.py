@@ -266,7 +266,7 @@ def test_paired_fine_tunes_leave_the_subject_as_it_came(tiny_checkpoints, tmp_pa
     source = tiny_checkpoints["llama"] if kind == "full" else _lora_adapter(tiny_checkpoints["llama"], tmp_path / "ad", "llama")
     subject = load_subject(source)
     start = {n: p.detach().clone() for n, p in subject.model.named_parameters()}
-    config = sig.SignatureConfig(**{**FAST, "variants": 1, "ratio": 0.0, "epochs": 0.0})
+    config = sig.SignatureConfig(**{**FAST, "variants": 1, "ratio": 0.0, "heads": False, "epochs": 0.0})
     outcome = sig.run_signature(PurifyInputs(subject=subject, clean=_records(32), seed=0), config)
     after = dict(outcome.model.named_parameters())
     assert sorted(after) == sorted(start)

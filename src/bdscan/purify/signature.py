@@ -65,7 +65,11 @@ class SignatureConfig:
     score: str = "combined"  # combined (paper) | norm (magnitude only) | alignment (consistency only)
     alignment_weight: float = 0.01  # λ of the cross-variant alignment term
     ratio: float | None = None  # share of MLP channels in the signature; None: 0.03 full / 0.35 adapter (paper)
-    heads: bool = False  # also score and suppress whole attention heads (paper: Mistral needs them)
+    # Paper default: MLP channels only (it needs heads only on Mistral). bdscan turns heads on:
+    # on small organisms the backdoor needs MLP and attention together (restoring only the MLP
+    # left 79 % ASR), and measured, MLP-only signatures left ASR 0.22 (LoRA) / 0.96 (full)
+    # where MLP + heads reached 0.00.
+    heads: bool = True
     head_ratio: float | None = None  # share of heads in the signature; None: 0.125 full / 0.25 adapter
     selection: str = "global"  # global: one percentile over all layers (paper); per_layer: the ratio within each layer
     # --- suppression and recovery ---
