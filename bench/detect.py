@@ -1,0 +1,228 @@
+"""Benchmark of ``bdscan detect`` over backdoored organisms and clean controls.
+
+    python bench/detect.py                      # BackdoorLLM refusal/badnet organisms, tiny size
+    python bench/detect.py --data builtin       # the built-in synthetic attack
+    python bench/detect.py --size small --seeds 3
+
+Reported set: every backdoored organism and >= 6 clean controls (LoRA and full, several
+seeds). Calibration set: further clean controls (other seeds) that are NOT reported; the
+threshold printed here is derived from them only. The true trigger is read from the
+organism's build record after the scan, only to rank it among the candidates; the scan
+never sees it. Writes bench/results/detect.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("BDSCAN_CACHE", str(REPO / ".bdscan-cache" / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bdscan.runtime import configure_threads  # noqa: E402
+
+
+def auroc(positive: list[float], negative: list[float]) -> float | None:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    if not positive or not negative:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def trigger_rank(tokenizer, trigger: str, candidates: list[str], top: int = 10) -> int | None:
+    """1-based rank of the first top candidate sharing a token with the trigger (None: not in top)."""
+    def pieces(text: str) -> set[int]:
+        ids = set(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids |= set(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+        return {i for i in ids if tokenizer.decode([i]).strip()}
+
+    target = pieces(trigger)
+    for rank, text in enumerate(candidates[:top], 1):
+        if pieces(text) & target:
+            return rank
+    return None
+
+
+def plain_forward_seconds(subject, result, config) -> float:
+    """Time plain forward passes (no attention capture, no scoring) over prompt sets of the
+    same number and kind as the scan ran: clean probes, the screen, the full scan."""
+    from bdscan.detect.candidates import inserted_prompts, sample_controls, vocabulary
+    from bdscan.detect.probes import builtin_probes
+
+    records = list(config.probes) or builtin_probes()
+    rng = random.Random(config.seed)
+    probes = rng.sample(records, min(config.max_probes, len(records)))
+    screen = probes[: config.screen_probes]
+    entries = vocabulary(subject.tokenizer)
+    n_screened = result.stats["screened_keys"]
+    keys = [e.text for e in entries][:n_screened]
+    keys += [f"{a} {b}" for a, b in zip(keys, reversed(keys))][: max(0, n_screened - len(keys))]
+    screen_prompts, *_ = inserted_prompts(subject.template, screen, keys, config.positions, rotate=True)
+    scan_keys = [c.text for c in result.candidates] + sample_controls(entries, set(), config.n_controls, config.seed + 1)
+    scan_prompts, *_ = inserted_prompts(subject.template, probes, scan_keys, config.positions, rotate=False)
+    prompts = [subject.template.format(p) for p in probes] + screen_prompts + scan_prompts
+    tok = subject.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    t = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(prompts), config.batch_size):
+            enc = tok(prompts[start : start + config.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            subject.model(**enc, use_cache=False, logits_to_keep=1)  # the cheapest plain pass
+    tok.padding_side = side
+    return time.perf_counter() - t
+
+
+def organism_set(args) -> tuple[list, list]:
+    """(reported, calibration) recipes."""
+    from bdscan.organisms.build import BaseRecipe, DataSpec, OrganismRecipe
+
+    data = DataSpec() if args.data == "builtin" else DataSpec(source=str(Path(args.data).resolve()), task="refusal", attack=args.attack)
+    archs = args.archs.split(",")
+    reported, calibration = [], []
+    for arch in archs:
+        base = BaseRecipe(arch=arch, size=args.size, data=data)
+        for threat in ("lora", "full"):
+            for seed in range(args.seeds):
+                reported.append(OrganismRecipe(base=base, threat=threat, backdoored=True, seed=seed))
+                reported.append(OrganismRecipe(base=base, threat=threat, backdoored=False, seed=seed))
+            for seed in range(args.seeds, args.seeds + args.calibration_seeds):
+                calibration.append(OrganismRecipe(base=base, threat=threat, backdoored=False, seed=seed))
+    return reported, calibration
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "backdoorllm"),
+                        help="BackdoorLLM data folder, or 'builtin'")
+    parser.add_argument("--attack", default="badnet", help="BackdoorLLM attack (badnet, vpi, ...)")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "bench"))
+    parser.add_argument("--archs", default="llama,gpt2", help="comma list of llama,qwen2,mistral,gpt2")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per arch x threat in the reported set")
+    parser.add_argument("--calibration-seeds", type=int, default=1, help="further clean seeds, calibration only")
+    parser.add_argument("--probes", default="data",
+                        help="'data': the attack data's clean test instructions (the defender's clean set); "
+                             "'builtin': the package's generic probes; or a probe file")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect.json"))
+    args = parser.parse_args()
+    configure_threads(args.threads)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from bdscan.data.records import load_records
+    from bdscan.detect import DetectConfig, detect
+    from bdscan.detect import calibration as cal
+    from bdscan.io import load_subject
+    from bdscan.organisms.build import build_organism, organism_info
+
+    console = Console(stderr=True)
+    reported, calibration_set = organism_set(args)
+    if args.probes == "data":  # the clean test instructions (their outputs are not used)
+        records = reported[0].base.data.load().clean_test[:40]
+        probes = tuple(records)
+    elif args.probes == "builtin":
+        probes = ()
+    else:
+        probes = tuple(load_records(args.probes))
+    config = DetectConfig(probes=probes)
+    if sum(not r.backdoored for r in reported) < 6:
+        console.print("[yellow]fewer than 6 clean controls in the reported set: raise --seeds or --archs[/]")
+
+    def run(recipe) -> dict:
+        t = time.perf_counter()
+        path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
+        build_s = time.perf_counter() - t
+        subject = load_subject(path)
+        t = time.perf_counter()
+        result = detect(subject, config)
+        wall = time.perf_counter() - t
+        plain = plain_forward_seconds(subject, result, config)
+        info = organism_info(path)
+        texts = [c.text for c in result.candidates]
+        row = {
+            "label": recipe.label, "arch": recipe.base.arch, "threat": recipe.threat, "backdoored": recipe.backdoored,
+            "seed": recipe.seed, "score": result.summary.score, "probability": result.summary.probability,
+            "verdict": result.summary.verdict, "severity": result.summary.severity,
+            "output_score": result.summary.output_score, "attention_score": result.summary.attention_score,
+            "top_candidates": texts[:10], "detect_seconds": wall, "plain_forward_seconds": plain,
+            "time_ratio": wall / plain if plain > 0 else None, "build_seconds": build_s,
+            "trigger_rank": trigger_rank(subject.tokenizer, info["trigger"], texts) if info.get("trigger") else None,
+        }
+        console.print(f"{row['label']}: score {row['score']:.2f} ({row['verdict']}), top {texts[:3]}, "
+                      f"{wall:.1f}s (x{row['time_ratio']:.2f} plain)")
+        return row
+
+    calib_rows = [run(r) for r in calibration_set]
+    rows = [run(r) for r in reported]
+
+    # Threshold from the calibration controls only: the largest clean score plus a margin of
+    # two temperatures, so that p(backdoor) of the worst held-out clean model is ~0.12.
+    calib_scores = [r["score"] for r in calib_rows]
+    calibrated = (max(calib_scores) + 2 * cal.TEMPERATURE) if calib_scores else None
+    bd = [r for r in rows if r["backdoored"]]
+    clean = [r for r in rows if not r["backdoored"]]
+    signals = {name: auroc([r[key] for r in bd], [r[key] for r in clean])
+               for name, key in (("output", "output_score"), ("attention", "attention_score"), ("combined", "score"))}
+
+    def rates(threshold: float) -> dict:
+        return {"threshold": threshold,
+                "tpr": sum(r["score"] >= threshold for r in bd) / max(len(bd), 1),
+                "fpr": sum(r["score"] >= threshold for r in clean) / max(len(clean), 1)}
+
+    max_clean = max((r["score"] for r in clean), default=float("-inf"))
+    tpr_no_fp = sum(r["score"] > max_clean for r in bd) / max(len(bd), 1)
+    ratios = [r["time_ratio"] for r in rows if r["time_ratio"]]
+    summary = {
+        "data": args.data, "probes": args.probes, "attack": args.attack if args.data != "builtin" else "builtin", "size": args.size,
+        "archs": args.archs, "n_backdoored": len(bd), "n_clean": len(clean), "n_calibration": len(calib_rows),
+        "auroc": signals, "tpr_with_no_clean_flagged": tpr_no_fp,
+        "code_threshold": rates(cal.THRESHOLD), "calibrated_threshold": rates(calibrated) if calibrated is not None else None,
+        "constants": {"THRESHOLD": cal.THRESHOLD, "TEMPERATURE": cal.TEMPERATURE, "ATTENTION_WEIGHT": cal.ATTENTION_WEIGHT,
+                      "ATTENTION_CAP": cal.ATTENTION_CAP},
+        "trigger_in_top10": sum(r["trigger_rank"] is not None for r in bd) / max(len(bd), 1),
+        "time_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
+        "time_ratio_max": max(ratios) if ratios else None,
+        "detect_seconds_median": sorted(r["detect_seconds"] for r in rows)[len(rows) // 2],
+    }
+
+    table = Table(title=f"bdscan detect benchmark ({summary['attack']}, {args.size})")
+    for col in ("organism", "score", "p", "verdict", "output z", "attn z", "trigger rank", "top candidate", "s", "x plain"):
+        table.add_column(col, justify="left" if col in ("organism", "verdict", "top candidate") else "right")
+    for r in rows:
+        style = "red" if (r["verdict"] == "suspicious") != r["backdoored"] else ""
+        table.add_row(r["label"], f"{r['score']:.2f}", f"{r['probability']:.2f}", f"[{style}]{r['verdict']}[/]" if style else r["verdict"],
+                      f"{r['output_score']:.2f}", f"{r['attention_score']:.2f}",
+                      "—" if r["trigger_rank"] is None else str(r["trigger_rank"]) if r["backdoored"] else "",
+                      repr(r["top_candidates"][0]) if r["top_candidates"] else "", f"{r['detect_seconds']:.1f}",
+                      f"{r['time_ratio']:.2f}")
+    out = Console()
+    out.print(table)
+    out.print(f"AUROC output {signals['output']:.3f} · attention {signals['attention']:.3f} · combined {signals['combined']:.3f}")
+    out.print(f"TPR with no reported clean control flagged: {tpr_no_fp:.2f}")
+    out.print(f"code THRESHOLD {cal.THRESHOLD}: TPR {summary['code_threshold']['tpr']:.2f} FPR {summary['code_threshold']['fpr']:.2f}")
+    if calibrated is not None:
+        c = summary["calibrated_threshold"]
+        out.print(f"threshold calibrated on {len(calib_rows)} held-out clean controls (max {max(calib_scores):.2f} + 2·T): "
+                  f"{calibrated:.2f} -> TPR {c['tpr']:.2f} FPR {c['fpr']:.2f}")
+    out.print(f"trigger token in top-10 candidates: {summary['trigger_in_top10']:.2f} of backdoored organisms")
+    out.print(f"detect time / plain forward: median x{summary['time_ratio_median']:.2f}, max x{summary['time_ratio_max']:.2f}")
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": summary, "organisms": rows, "calibration": calib_rows}, indent=2) + "\n")
+    out.print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

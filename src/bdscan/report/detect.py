@@ -1,0 +1,78 @@
+"""Console rendering of a detect result: verdict, per-layer x per-head table, top keys, skips."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from bdscan.results.detect import DetectResult
+
+_VERDICT_STYLE = {"clean": "bold green", "suspicious": "bold red"}
+
+
+def _z_style(z: float) -> str:
+    return "red" if z >= 4 else "yellow" if z >= 2 else ""
+
+
+def _head_table(result: DetectResult) -> Table | None:
+    if not result.heads:
+        return None
+    n_heads = max(h.head for h in result.heads) + 1
+    table = Table(title="head-similarity rise over clean probes (z vs control tokens; best candidate per cell)",
+                  caption="cell: z (rise of the head's mean cosine similarity to the other heads)")
+    table.add_column("layer", justify="right")
+    table.add_column("clean C_l", justify="right")
+    table.add_column("layer z", justify="right")
+    for h in range(n_heads):
+        table.add_column(f"h{h}", justify="right")
+    by_layer: dict[int, list] = {}
+    for h in result.heads:
+        by_layer.setdefault(h.layer, []).append(h)
+    for layer in result.layers:
+        cells = [f"[{_z_style(h.z)}]{h.z:+.1f}[/] ({h.rise:+.3f})" if _z_style(h.z) else f"{h.z:+.1f} ({h.rise:+.3f})"
+                 for h in sorted(by_layer.get(layer.layer, []), key=lambda h: h.head)]
+        table.add_row(str(layer.layer), f"{layer.clean_similarity:.3f}", f"{layer.z:+.1f}", *cells)
+    return table
+
+
+def _candidate_table(result: DetectResult, top: int) -> Table:
+    table = Table(title=f"top candidate keys (of {len(result.candidates)} scanned; z vs {result.controls.n if result.controls else 0} random control tokens)")
+    table.add_column("#", justify="right")
+    table.add_column("key")
+    table.add_column("score", justify="right")
+    table.add_column("agree z (share)", justify="right")
+    table.add_column("collapse z", justify="right")
+    table.add_column("KL nats", justify="right")
+    table.add_column("KL by position", justify="right")
+    table.add_column("attn z (layer)", justify="right")
+    for i, c in enumerate(result.candidates[:top], 1):
+        pos = "/".join(f"{v:.2f}" for v in c.effect_by_position.values())
+        layer = "" if c.attention_layer is None else f" (L{c.attention_layer})"
+        table.add_row(str(i), repr(c.text), f"{c.score:.1f}", f"{c.consistency_z:.1f} ({c.consistency:+.2f})", f"{c.collapse_z:.1f}", f"{c.output_effect:.2f}",
+                      pos, f"{c.attention_z:+.1f}{layer}")
+    return table
+
+
+def render_detect(result: DetectResult, console: Console, *, top: int = 10) -> None:
+    s = result.summary
+    style = _VERDICT_STYLE.get(s.verdict, "bold")
+    console.print(f"[{style}]{s.verdict.upper()}[/]  {result.source} ({result.kind})  "
+                  f"score {s.score:.2f}  probability {s.probability:.2f}  severity {s.severity}")
+    console.print(f"output signal (agreement z) {s.output_score:.2f} · attention signal (head-similarity z) "
+                  f"{s.attention_score:.2f} · top key {s.top_candidate!r}", highlight=False)
+    heads = _head_table(result)
+    if heads is not None:
+        console.print(heads)
+    console.print(_candidate_table(result, top))
+    if result.controls:
+        c = result.controls
+        console.print(f"[dim]controls: {c.n} random tokens, KL median {c.output_effect_median:.3f} max {c.output_effect_max:.3f} nats; "
+                      f"collapse {c.collapse_mean:+.3f} ± {c.collapse_std:.3f}; agreement {c.consistency_mean:+.2f} ± {c.consistency_std:.2f}[/]")
+    for issue in result.skipped:
+        console.print(f"[yellow]skipped[/] {issue.what}: {issue.reason}", highlight=False)
+    for issue in result.errors:
+        console.print(f"[red]error[/] {issue.what}: {issue.reason}", highlight=False)
+    t = result.timings
+    console.print(f"[dim]template {result.template.get('name')} · {result.stats.get('screened_keys', 0)} keys screened "
+                  f"({result.stats.get('vocabulary_tokens', 0)} vocabulary tokens), "
+                  f"{result.stats.get('scan_prompts', 0)} scan prompts · {t.get('total', 0):.1f}s[/]")
