@@ -42,7 +42,7 @@ def main() -> None:
 
     configure_threads(args.threads)
     quiet_libraries()
-    console = Console()
+    console = Console(width=170)
     rows = []
     for recipe in backdoored(args.data, args.size) + controls(args.data, args.size):
         if args.only and args.only not in recipe.label:

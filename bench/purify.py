@@ -58,7 +58,7 @@ def main() -> None:
 
     configure_threads(args.threads)
     quiet_libraries()
-    console = Console()
+    console = Console(width=170)
     methods = args.methods.split(",") if args.methods else PURIFIERS.names()
     knobs: dict[str, dict] = {}
     for item in args.overrides:

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import AllowPickle, Base, Seed, Source, TrustRemoteCode, handle_errors, progress_bar, quiet_libraries
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Seed, Source, TrustRemoteCode, handle_errors, progress_bar,
+                               quiet_libraries)
 
 FORMATS = ("console", "json", "sarif")
 SEVERITIES = ("low", "medium", "high")
@@ -84,9 +85,14 @@ def command(
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    as_json: JsonOut = False,
 ) -> None:
     from bdscan.errors import UsageError
 
+    if as_json:  # the flag every command has; the same as --format json
+        if fmt not in ("console", "json"):
+            raise UsageError(f"--json contradicts --format {fmt}")
+        fmt = "json"
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fail_on not in SEVERITIES:
