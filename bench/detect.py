@@ -83,20 +83,23 @@ def plain_forward_seconds(subject, result, config) -> float:
 
 
 def organism_set(args) -> tuple[list, list]:
-    """(reported, calibration) recipes."""
-    from bdscan.organisms.build import BaseRecipe, DataSpec, OrganismRecipe
+    """(reported, calibration) recipes, from the suite shared by every benchmark."""
+    from dataclasses import replace
 
-    data = DataSpec() if args.data == "builtin" else DataSpec(source=str(Path(args.data).resolve()), task="refusal", attack=args.attack)
-    archs = args.archs.split(",")
+    sys.path.insert(0, str(REPO / "bench"))
+    from suite import base_recipe, organism
+
+    data = "builtin" if args.data == "builtin" else str(Path(args.data).resolve())
     reported, calibration = [], []
-    for arch in archs:
-        base = BaseRecipe(arch=arch, size=args.size, data=data)
+    for arch in args.archs.split(","):
+        base = replace(base_recipe(data, args.size, "refusal", args.attack), arch=arch)
         for threat in ("lora", "full"):
+            recipe = organism(data, base, threat)
             for seed in range(args.seeds):
-                reported.append(OrganismRecipe(base=base, threat=threat, backdoored=True, seed=seed))
-                reported.append(OrganismRecipe(base=base, threat=threat, backdoored=False, seed=seed))
+                reported.append(replace(recipe, seed=seed))
+                reported.append(replace(recipe, backdoored=False, seed=seed))
             for seed in range(args.seeds, args.seeds + args.calibration_seeds):
-                calibration.append(OrganismRecipe(base=base, threat=threat, backdoored=False, seed=seed))
+                calibration.append(replace(recipe, backdoored=False, seed=seed))
     return reported, calibration
 
 
