@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, Source, TrustRemoteCode, emit, handle_errors,
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, TrustRemoteCode, emit, handle_errors,
                                progress_bar, quiet_libraries, stderr)
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.

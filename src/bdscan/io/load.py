@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ class Subject:
     template: PromptTemplate
     source: ResolvedSource
     base: ResolvedSource | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_adapter(self) -> bool:

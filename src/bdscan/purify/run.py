@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from bdscan.eval.evaluate import EvalSpec, evaluate_with_responses
-from bdscan.io.load import Subject
 from bdscan.purify.base import PURIFIERS, PurifyInputs, PurifyOutcome
 from bdscan.results.purify import PurifyResult
 from bdscan.runtime import seed_everything
