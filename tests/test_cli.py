@@ -80,3 +80,18 @@ def test_eval_bad_input(full_clean, clean_file, tmp_path, args, code, message):
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_threads_is_a_setting(monkeypatch):
+    import torch
+
+    from bdscan.runtime import configure_threads, default_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("BDSCAN_THREADS", "3")
+        assert default_threads() == 3
+        assert invoke("--threads", "0", "eval", "--help").exit_code == 4  # below the minimum of 1
+    finally:
+        torch.set_num_threads(before)
