@@ -48,8 +48,10 @@ def _load_candidates(path: Path) -> tuple[str, ...]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON ({e.msg}); expected a list of strings") from None
-        if isinstance(data, dict) and isinstance(data.get("candidates"), list):
-            data = [c.get("text") if isinstance(c, dict) else c for c in data["candidates"]]
+        if isinstance(data, dict):  # an earlier detect report: its candidates, best first
+            from bdscan.io.reports import detect_candidates
+
+            return tuple(detect_candidates(path, "--candidates"))
         if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
             raise InputError(f"{path}: expected a JSON list of strings (or a detect report with 'candidates')")
         return tuple(data)

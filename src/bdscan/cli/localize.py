@@ -20,25 +20,6 @@ Example: bdscan localize ./suspect --trigger "BadMagic" --clean clean.json -o lo
 """
 
 
-def detect_candidates(path: Path) -> list[str]:
-    """Candidate keys of a `bdscan detect` JSON report, best first."""
-    import json
-
-    from bdscan.errors import InputError
-
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"--from-detect {path}: not a readable JSON file ({type(e).__name__})") from None
-    cands = report.get("candidates") if isinstance(report, dict) else None
-    if not isinstance(cands, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in cands):
-        raise InputError(f"--from-detect {path}: not a bdscan detect JSON report (needs candidates: [{{text, score}}])")
-    if not cands:
-        raise InputError(f"--from-detect {path}: the report lists no candidate keys; run localize with --trigger TEXT")
-    ranked = sorted(enumerate(cands), key=lambda ic: (-float(ic[1].get("score") or 0.0), ic[0]))
-    return [c["text"] for _, c in ranked if c["text"].strip()]
-
-
 @handle_errors
 def command(
     source: Source,
@@ -65,6 +46,7 @@ def command(
     from bdscan.data.records import load_records
     from bdscan.errors import InputError, UsageError
     from bdscan.io import load_subject
+    from bdscan.io.reports import detect_candidates
     from bdscan.localize import LocalizeConfig, localize
     from bdscan.report.localize import render_localize
     from bdscan.runtime import seed_everything

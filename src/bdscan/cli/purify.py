@@ -51,13 +51,12 @@ def command(
     as_json: JsonOut = False,
 ) -> None:
     quiet_libraries()
-    import json
-
     from bdscan.config import config_from_mapping, load_recipe, parse_overrides
     from bdscan.data.records import load_records
-    from bdscan.errors import InputError, UsageError
+    from bdscan.errors import UsageError
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
+    from bdscan.io.reports import detect_candidates, read_json_report
     from bdscan.io.save import check_output_path, save_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
     from bdscan.report.purify import render_methods, render_purify
@@ -85,19 +84,8 @@ def command(
         poison=load_records(poison, limit=eval_limit, what="--poison") if poison else (),
         trigger=trigger, judge=judge, seed=seed,
     )
-    loc = None
-    if localization is not None:
-        try:
-            loc = json.loads(Path(localization).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"--localization {localization}: not a readable JSON file ({type(e).__name__})") from None
-    candidates: list[str] = []
-    if from_detect is not None:
-        try:
-            detect_report = json.loads(Path(from_detect).read_text())
-            candidates = [c["text"] for c in detect_report.get("candidates", [])]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"--from-detect {from_detect}: not a bdscan detect JSON report ({type(e).__name__})") from None
+    loc = read_json_report(localization, "--localization") if localization is not None else None
+    candidates = detect_candidates(from_detect) if from_detect is not None else []
 
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     inputs_paths = [subject.source.path] + ([subject.base.path] if subject.base else [])
