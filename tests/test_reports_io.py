@@ -20,7 +20,7 @@ def test_candidates_best_score_first(tmp_path):
 @pytest.mark.parametrize(
     "content,message",
     [("{oops", "not a readable JSON"), ("[1, 2]", "expected a JSON object"), ('{"summary": {}}', "not a bdscan detect"),
-     ('{"candidates": []}', "lists no candidate keys")],
+     ('{"candidates": []}', "the report lists no candidate keys")],
 )
 def test_bad_reports_name_the_option(tmp_path, content, message):
     path = tmp_path / "r.json"
