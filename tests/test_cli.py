@@ -95,3 +95,22 @@ def test_threads_is_a_setting(monkeypatch):
         assert invoke("--threads", "0", "eval", "--help").exit_code == 4  # below the minimum of 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_purify_signature_shortcuts(lora_backdoor, clean_train_file, tmp_path):
+    out = tmp_path / "purified"
+    result = invoke("purify", lora_backdoor, "--method", "signature", "--clean", clean_train_file, "-o", out,
+                    "--variants", "1", "--ratio", "0.05", "--set", "variant_samples=24", "--set", "variant_epochs=1",
+                    "--set", "epochs=1", "--set", "max_samples=16", "--eval-limit", "5", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert config["variants"] == 1 and config["ratio"] == 0.05
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_purify_shortcut_of_another_method_is_a_usage_error(lora_backdoor, clean_train_file, tmp_path):
+    result = invoke("purify", lora_backdoor, "--method", "finetune", "--clean", clean_train_file, "-o", tmp_path / "o",
+                    "--variants", "2")
+    assert result.exit_code == 4
+    assert "--variants is a knob of signature" in result.output
+    assert not (tmp_path / "o").exists()

@@ -34,6 +34,8 @@ def command(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder to write the purified model and report.json to.")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="YAML recipe with the method's knobs (see recipes/).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a knob: --set epochs=3 (repeatable).")] = None,
+    variants: Annotated[Optional[int], typer.Option("--variants", min=1, help="signature: number of synthetic variants N (same as --set variants=N).")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", min=0.0, max=1.0, help="signature: share of MLP channels in the signature (same as --set ratio=R).")] = None,
     localization: Annotated[Optional[Path], typer.Option("--localization", help="`bdscan localize` JSON (kfac-lora).")] = None,
     from_detect: Annotated[Optional[Path], typer.Option("--from-detect", help="`bdscan detect` JSON: its candidate keys guide the methods that use them.")] = None,
     poison: Annotated[Optional[Path], typer.Option("--poison", help="Triggered prompts to measure ASR before/after (evaluation only).")] = None,
@@ -51,6 +53,8 @@ def command(
     as_json: JsonOut = False,
 ) -> None:
     quiet_libraries()
+    import dataclasses
+
     from bdscan.config import config_from_mapping, load_recipe, parse_overrides
     from bdscan.data.records import load_records
     from bdscan.errors import UsageError
@@ -75,7 +79,12 @@ def command(
     if recipe_method and recipe_method != method:
         raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
     spec = PURIFIERS.get(method)
-    config = config_from_mapping(spec.config_class, {**knobs, **parse_overrides(overrides or [])},
+    shortcuts = {name: value for name, value in (("variants", variants), ("ratio", ratio)) if value is not None}
+    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    for name in shortcuts:
+        if name not in known:
+            raise UsageError(f"--{name} is a knob of signature, not of {method}")
+    config = config_from_mapping(spec.config_class, {**knobs, **parse_overrides(overrides or []), **shortcuts},
                                  where=str(recipe) if recipe else "--set")
     seed_everything(seed)
     clean_records = load_records(clean, limit=limit, what="--clean")
@@ -96,8 +105,6 @@ def command(
                               work_dir=work, log=lambda m: stderr.print(f"[dim]{m}[/]") if not as_json else None,
                               progress=progress)
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
-    import dataclasses
-
     result = dataclasses.replace(result, output=str(target))
     save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
                  report=result.to_dict(), overwrite=overwrite)
