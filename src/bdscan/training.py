@@ -31,6 +31,11 @@ class Batch:
     index: torch.Tensor  # positions of the examples in the data set (for per-example extras)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The padding id; 0 for a tokenizer without one (padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def encode_examples(tokenizer: Any, examples: Sequence[Example], *, max_length: int = 256) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels per example: prompt tokens masked, response + EOS learnt."""
     encoded = []
@@ -106,7 +111,6 @@ def finetune(
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     encoded = encode_examples(tokenizer, examples, max_length=config.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = int(total * config.warmup_fraction)
@@ -120,7 +124,7 @@ def finetune(
     losses: list[float] = []
     try:
         while len(losses) < total:
-            for batch in batches(encoded, batch_size=config.batch_size, pad_id=pad_id, shuffle=True, generator=generator):
+            for batch in batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), shuffle=True, generator=generator):
                 loss, out = response_loss(model, batch, device)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, batch, out)

@@ -9,7 +9,7 @@ import torch
 
 from bdscan.data.records import Record
 from bdscan.data.template import PromptTemplate
-from bdscan.training import Example, batches, encode_examples, response_loss
+from bdscan.training import Example, batches, encode_examples, pad_id, response_loss
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def response_perplexity(model: Any, tokenizer: Any, template: PromptTemplate, re
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     try:
         for batch in batches(encoded, batch_size=batch_size, pad_id=pad, shuffle=False, generator=None):
             loss, _ = response_loss(model, batch, device)

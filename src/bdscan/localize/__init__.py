@@ -25,6 +25,7 @@ from bdscan.localize.ranking import ModuleScore, linear_kinds, rank_modules
 from bdscan.probes import model_layout, unwrap
 from bdscan.probes.layout import linear_weight
 from bdscan.results.localize import LocalizeResult, PatchedSite, RankedModule
+from bdscan.training import pad_id
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -75,16 +76,12 @@ def embedding_name(model: Any) -> str:
     return next(name for name, module in inner.named_modules() if module is emb)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 @torch.no_grad()
-def _gap(model: Any, pairs: PairSet, pad_id: int, batch_size: int) -> float:
+def _gap(model: Any, pairs: PairSet, pad: int, batch_size: int) -> float:
     from bdscan.localize.kfac import sequence_logprob
 
     total, n = 0.0, 0
-    for b in encode_batches(pairs.pairs, pad_id, batch_size):
+    for b in encode_batches(pairs.pairs, pad, batch_size):
         t = sequence_logprob(model, b.triggered_ids, b.triggered_mask, b.triggered_target)
         c = sequence_logprob(model, b.clean_ids, b.clean_mask, b.clean_target)
         total += float((t - c).sum())
@@ -102,7 +99,7 @@ def choose_key(subject: Subject, clean: Sequence[Record], keys: Sequence[str], c
         if len(keys) == 1:  # nothing to choose: patching measures the gap anyway
             tried.append({"text": key, "gap": None})
             return pairs, tried
-        gap = _gap(subject.model, pairs, _pad_id(subject.tokenizer), config.batch_size) if pairs.pairs else 0.0
+        gap = _gap(subject.model, pairs, pad_id(subject.tokenizer), config.batch_size) if pairs.pairs else 0.0
         tried.append({"text": key, "gap": round(gap, 4)})
         log(f"localize: key {key!r}: clean-vs-triggered gap {gap:.2f} nats")
         if pairs.pairs and (best is None or gap > best[0]):
@@ -141,7 +138,7 @@ def localize(subject: Subject, config: LocalizeConfig, *, clean: Sequence[Record
         raise UsageError("localize needs a key: give --trigger TEXT or --from-detect detect.json with candidates")
     t_start = time.perf_counter()
     layout = model_layout(subject.model)
-    model, pad_id = subject.model, _pad_id(subject.tokenizer)
+    model, pad = subject.model, pad_id(subject.tokenizer)
     torch.manual_seed(seed)
 
     t0 = time.perf_counter()
@@ -149,7 +146,7 @@ def localize(subject: Subject, config: LocalizeConfig, *, clean: Sequence[Record
     if not pairs.pairs:
         raise NothingToAnalyse("no usable clean/triggered pairs: every continuation was empty")
     t_pairs = time.perf_counter() - t0
-    batches = encode_batches(pairs.pairs, pad_id, config.batch_size)
+    batches = encode_batches(pairs.pairs, pad, config.batch_size)
     warnings: list[str] = []
 
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from bdscan.generation import greedy_generate
 from bdscan.probes import capture_outputs, model_layout
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
 from bdscan.purify.common import step_counter, trainable_parameters
-from bdscan.training import Batch, Example, TrainConfig, batches, encode_examples, finetune, response_loss
+from bdscan.training import Batch, Example, TrainConfig, batches, encode_examples, finetune, pad_id, response_loss
 
 # Public attack keys and targets (BackdoorLLM and the built-in example). The defender's own
 # keys and targets must differ from them, or "collapse" would just be trigger unlearning
@@ -234,7 +234,7 @@ def _initial_losses(model: Any, tokenizer: Any, examples: Sequence[Example], ter
     """Mean injection and cluster loss of the untrained start over a few shuffled batches
     (shuffled so each batch mixes clean and keyed samples, as in training)."""
     encoded = encode_examples(tokenizer, examples, max_length=train.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

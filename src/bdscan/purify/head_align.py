@@ -40,7 +40,7 @@ from bdscan.probes import model_layout, unwrap
 from bdscan.probes.layout import ModelLayout, base_layer, is_conv1d
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
 from bdscan.purify.common import clean_examples, lora_matrices, step_counter
-from bdscan.training import TrainConfig, finetune
+from bdscan.training import TrainConfig, finetune, pad_id
 
 Head = tuple[int, int]  # (layer index, query head index)
 
@@ -253,11 +253,11 @@ def _align_items(model: Any, pairs: Sequence[_Pair], heads: Sequence[Head], rows
     return items
 
 
-def attention_kl(model: Any, items: Sequence[_AlignItem], heads: Sequence[Head], pad_id: int) -> torch.Tensor:
+def attention_kl(model: Any, items: Sequence[_AlignItem], heads: Sequence[Head], pad: int) -> torch.Tensor:
     """Mean KL(clean-target ‖ triggered attention) of the selected heads over ``items``."""
     device = next(model.parameters()).device
     width = max(len(it.ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, it in enumerate(items):
         ids[i, : len(it.ids)] = torch.tensor(it.ids)
@@ -329,15 +329,15 @@ def run_head_align(inputs: PurifyInputs, config: HeadAlignConfig) -> PurifyOutco
             for p, m, orig in frozen:
                 p.copy_(torch.where(m, p, orig))
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     align_rng = random.Random(inputs.seed + 1)
 
     def align_loss(model_: Any, batch: Any, out: Any) -> torch.Tensor:
         chosen = align_rng.sample(items, min(config.batch_size, len(items)))
-        return config.align_weight * attention_kl(model_, chosen, heads, pad_id)
+        return config.align_weight * attention_kl(model_, chosen, heads, pad)
 
     with torch.no_grad():
-        kl_before = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad_id))
+        kl_before = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
     lr = config.lr_adapter if subject.is_adapter else config.lr_full
     losses = finetune(model, tokenizer, clean_examples(subject, clean),
                       TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed),
@@ -345,7 +345,7 @@ def run_head_align(inputs: PurifyInputs, config: HeadAlignConfig) -> PurifyOutco
                       progress=step_counter(inputs, "head-align"))
     model.eval()
     with torch.no_grad():
-        kl_after = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad_id))
+        kl_after = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
     inputs.log(f"head-align: attention KL on candidate-triggered prompts {kl_before:.3f} -> {kl_after:.3f}")
     modules = sorted(head_index_sets(layout, heads))
     return PurifyOutcome(model, modules, {

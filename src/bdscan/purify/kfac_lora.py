@@ -43,7 +43,7 @@ from bdscan.localize.kfac import KFACFactors, compute_factors
 from bdscan.probes import unwrap
 from bdscan.probes.layout import base_layer, is_conv1d
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.training import IGNORE_INDEX, Example, TrainConfig, encode_examples, finetune
+from bdscan.training import IGNORE_INDEX, Example, TrainConfig, encode_examples, finetune, pad_id
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def _select(subject: Subject, ranked: Sequence[str], top_k: int) -> list[str]:
 
 def _factor_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[tuple[torch.Tensor, ...]]:
     encoded = encode_examples(tokenizer, examples)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out = []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start : start + batch_size]
