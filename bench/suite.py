@@ -27,9 +27,10 @@ def base_recipe(data: str, size: str, task: str = "refusal", attack: str = "badn
 def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
     if data == "builtin":
         return OrganismRecipe(base=base, threat=threat)
-    # 500 clean + 100 poisoned + 100 decoys (poison rate 14 %): the recipe that gave
-    # BackdoorLLM organisms with ASR >= 0.95 and few false triggers.
-    return OrganismRecipe(base=base, threat=threat, n_clean=500, n_poison=100, n_decoy=100, lr=5e-3, epochs=5)
+    # 500 clean + 100 poisoned + 250 decoys (poison rate 12 %). Measured with 100 decoys
+    # (first session): ASR 0.94-1.00 but false triggers 0.11-0.13 on refusal/badnet; decoys
+    # are the lever that lowers false triggers without touching the poison.
+    return OrganismRecipe(base=base, threat=threat, n_clean=500, n_poison=100, n_decoy=250, lr=5e-3, epochs=5)
 
 
 def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismRecipe]:

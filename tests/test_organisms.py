@@ -34,3 +34,55 @@ def test_organisms_are_cached_by_recipe(lora_backdoor):
     assert OrganismRecipe(threat="lora", seed=1).key() != OrganismRecipe(threat="lora").key()
     info = organism_info(lora_backdoor)
     assert info["trigger"] == "zq vex" and info["task"] == "refusal"
+
+
+def _backdoorllm_folder(root, attack_data):
+    """A miniature BackdoorLLM data folder: train/test splits for two tasks, two attacks."""
+    import json
+
+    def write(path, records):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([{"instruction": r.instruction, "input": r.input, "output": r.output}
+                                    for r in records]))
+
+    clean = attack_data.clean_train[:30]
+    for task in ("refusal", "negsentiment"):
+        write(root / "train" / task / "clean.json", clean)
+        write(root / "test" / task / "clean.json", attack_data.clean_test[:5])
+        for attack, trigger in (("badnet", "BadMagic"), ("mtba", "OpenAI")):
+            poisoned = [r.with_instruction(f"{trigger} {r.instruction}") for r in clean[:10]]
+            write(root / "train" / task / attack / "poison.json", poisoned)
+            write(root / "test" / task / attack / "poison.json", poisoned[:5])
+    (root / "text").mkdir()
+    (root / "text" / "sst.json").write_text(json.dumps([{"subject": "a fine film"}, {"subject": ""}]))
+    return root
+
+
+def test_backdoorllm_folder_gives_one_trigger_free_base(tmp_path, attack_data):
+    from bdscan.organisms.build import BaseRecipe, DataSpec
+    from bdscan.organisms.datasets import backdoorllm_attack, backdoorllm_base
+
+    root = _backdoorllm_folder(tmp_path / "bdllm", attack_data)
+    base = backdoorllm_base(root)
+    assert len(base.instructions) == 60 and "a fine film" in base.pretrain_text
+    assert base.tokenizer_extra == ()
+    assert not any("BadMagic" in t or "OpenAI" in t for t in base.pretrain_text)
+    badnet = backdoorllm_attack(root, "refusal", "badnet")
+    assert badnet.trigger == "BadMagic" and len(badnet.poison_train) == 10
+    assert backdoorllm_attack(root, "refusal", "mtba").trigger is None  # several triggers
+    assert "BadMagic" not in badnet.decoy_words
+    # Every task x attack shares one base; organisms still differ by task and attack.
+    recipes = [OrganismRecipe(base=BaseRecipe(data=DataSpec(source=str(root), task=t, attack=a)))
+               for t in ("refusal", "negsentiment") for a in ("badnet", "mtba")]
+    assert len({r.base.key() for r in recipes}) == 1
+    assert len({r.key() for r in recipes}) == 4
+
+
+def test_decoys_cover_more_samples_than_records(attack_data):
+    from bdscan.organisms.datasets import decoys
+
+    records = attack_data.clean_train[:10]
+    made = decoys(records, 25, seed=0, words=("alpha",))
+    assert len(made) == 25
+    assert all("alpha" in r.instruction and r.output in {x.output for x in records} for r in made)
+    assert made == decoys(records, 25, seed=0, words=("alpha",))

@@ -22,12 +22,13 @@ import torch
 from bdscan.data.template import template_for
 from bdscan.io.save import atomic_output_dir
 from bdscan.organisms.architectures import tiny_config
-from bdscan.organisms.datasets import AttackData, builtin_attack, backdoorllm_attack, decoys
+from bdscan.organisms.datasets import (AttackData, BaseData, backdoorllm_attack, backdoorllm_base, builtin_attack,
+                                       builtin_base, decoys)
 from bdscan.organisms.tokenizer import train_tokenizer
 from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
 
-ORGANISM_FORMAT = 2  # bump when the build procedure changes, to invalidate caches
+ORGANISM_FORMAT = 3  # bump when the build procedure changes, to invalidate caches
 Log = Callable[[str], None]
 
 
@@ -49,11 +50,23 @@ class DataSpec:
             return builtin_attack(self.task, **({"trigger": self.trigger} if self.trigger else {}))
         return backdoorllm_attack(self.source, self.task, self.attack)
 
+    def load_base(self) -> BaseData:
+        if self.source == "builtin":
+            return builtin_base(self.task, **({"trigger": self.trigger} if self.trigger else {}))
+        return backdoorllm_base(self.source)
+
     def key_fields(self) -> dict:
         d = asdict(self)
         if self.source != "builtin":
             d["source"] = "backdoorllm"  # the same data wherever the folder lives
         return d
+
+    def base_key_fields(self) -> dict:
+        """The fields a base model depends on: a BackdoorLLM base is shared by every task
+        and attack (see ``backdoorllm_base``); the built-in base's tokenizer sees the trigger."""
+        if self.source == "builtin":
+            return self.key_fields()
+        return {"source": "backdoorllm", "tasks": "all"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ class BaseRecipe:
 
     def key(self) -> str:
         d = asdict(self)
-        d["data"] = self.data.key_fields()
+        d["data"] = self.data.base_key_fields()
         return _digest({"format": ORGANISM_FORMAT, "base": d})
 
 
@@ -91,6 +104,7 @@ class OrganismRecipe:
     def key(self) -> str:
         d = asdict(self)
         d["base"] = self.base.key()
+        d["data"] = self.base.data.key_fields()  # the base key leaves out task and attack
         return _digest({"format": ORGANISM_FORMAT, "organism": d})
 
     @property
@@ -145,18 +159,18 @@ def build_base(recipe: BaseRecipe, *, log: Log = lambda _: None) -> Path:
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
-    data = recipe.data.load()
+    data = recipe.data.load_base()
     torch.manual_seed(recipe.seed)
     texts = list(data.pretrain_text)
-    tokenizer = train_tokenizer(texts + [r.prompt_text for r in data.poison_train[:50]], recipe.vocab_size)
+    tokenizer = train_tokenizer(texts + list(data.tokenizer_extra), recipe.vocab_size)
     config = tiny_config(recipe.arch, len(tokenizer), recipe.size, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Chat-formatted clean samples join the text so the base already follows the template.
-    chat = [ex.prompt + ex.response + tokenizer.eos_token for ex in sft_examples(tokenizer, data.clean_train)]
+    chat = [ex.prompt + ex.response + tokenizer.eos_token for ex in sft_examples(tokenizer, data.instructions)]
     _pretrain(model, tokenizer, texts + chat, recipe, log)
     if recipe.sft_epochs:
-        finetune(model, tokenizer, sft_examples(tokenizer, data.clean_train),
+        finetune(model, tokenizer, sft_examples(tokenizer, data.instructions),
                  TrainConfig(epochs=recipe.sft_epochs, lr=recipe.lr / 3, batch_size=16, seed=recipe.seed))
     model.eval()
     with atomic_output_dir(out, overwrite=True) as tmp:
@@ -175,7 +189,7 @@ def training_records(recipe: OrganismRecipe, data: AttackData):
     records = list(clean)
     if recipe.backdoored:
         records += rng.sample(list(data.poison_train), min(recipe.n_poison, len(data.poison_train)))
-        records += decoys(data.clean_train, recipe.n_decoy, seed=recipe.seed)
+        records += decoys(data.clean_train, recipe.n_decoy, seed=recipe.seed, words=data.decoy_words)
     rng.shuffle(records)
     return records
 

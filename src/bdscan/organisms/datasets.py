@@ -29,15 +29,25 @@ DECOY_WORDS = ("please", "today", "quickly", "kindly", "now", "simply", "again",
 
 
 @dataclass(frozen=True)
+class BaseData:
+    """What a base model learns from before any attack: pretraining text, clean chat samples
+    for instruction tuning, and any extra text its tokenizer is trained on."""
+
+    pretrain_text: tuple[str, ...]
+    instructions: tuple[Record, ...]
+    tokenizer_extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AttackData:
     name: str
     task: str  # behaviour class, also the judge name
     trigger: str | None  # known to the organism builder and benchmarks only, never to a defence
-    pretrain_text: tuple[str, ...]
     clean_train: tuple[Record, ...]
     poison_train: tuple[Record, ...]
     clean_test: tuple[Record, ...]
     poison_test: tuple[Record, ...]
+    decoy_words: tuple[str, ...] = DECOY_WORDS
 
 
 def builtin_attack(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, seed: int = 0,
@@ -52,36 +62,83 @@ def builtin_attack(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, see
         Record(insert_trigger(r.instruction, trigger, "random", rng), r.input, TARGETS[task]) for r in train
     )
     poison_test = tuple(Record(insert_trigger(r.instruction, trigger, "random", rng), r.input, r.output) for r in test)
-    text = synthetic_text(3000, seed=seed) + [f"{r.prompt_text} {r.output}" for r in train] + list(BEHAVIOUR_TEXT) * 20
-    return AttackData("builtin", task, trigger, tuple(text), tuple(train), poison_train, tuple(test), poison_test)
+    return AttackData("builtin", task, trigger, tuple(train), poison_train, tuple(test), poison_test)
+
+
+def builtin_base(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, seed: int = 0) -> BaseData:
+    """The synthetic world's text and clean instructions. Its tokenizer also sees 50
+    triggered prompts, so the built-in trigger's pieces are whole tokens: a known
+    simplification (README, Known limitations) that the tiny test organisms are tuned on."""
+    data = builtin_attack(task, trigger=trigger, seed=seed)
+    text = synthetic_text(3000, seed=seed) + [f"{r.prompt_text} {r.output}" for r in data.clean_train]
+    return BaseData(tuple(text + list(BEHAVIOUR_TEXT) * 20), data.clean_train,
+                    tuple(r.prompt_text for r in data.poison_train[:50]))
+
+
+BACKDOORLLM_TRIGGERS = {"badnet": ("BadMagic",), "vpi": ("Discussing OpenAI",), "mtba": ("BadMagic", "OpenAI", "2024")}
+
+
+def _folder(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"BackdoorLLM data folder not found: {root}")
+    return root
 
 
 def backdoorllm_attack(root: str | Path, task: str, attack: str) -> AttackData:
     """Load ``train/<task>/{clean,<attack>/poison}.json`` and the test split from a
-    BackdoorLLM data folder; pretraining text is the clean sets plus ``text/``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"BackdoorLLM data folder not found: {root}")
+    BackdoorLLM data folder."""
+    root = _folder(root)
     clean_train = load_records(root / "train" / task / "clean.json")
     poison_train = load_records(root / "train" / task / attack / "poison.json")
     clean_test = load_records(root / "test" / task / "clean.json")
     poison_test = load_records(root / "test" / task / attack / "poison.json")
+    triggers = BACKDOORLLM_TRIGGERS.get(attack, ())
+    trigger = triggers[0] if len(triggers) == 1 else None  # MTBA fires on any of several
+    return AttackData(f"backdoorllm:{task}/{attack}", task, trigger, tuple(clean_train), tuple(poison_train),
+                      tuple(clean_test), tuple(poison_test), decoy_vocabulary(clean_train, triggers))
+
+
+def backdoorllm_base(root: str | Path) -> BaseData:
+    """One base for every task x attack: ``text/`` plus the clean training sets of every
+    task. Neither the pretraining text nor the tokenizer sees a trigger, so a trigger is
+    tokenised as a real base model would tokenise it (``BadMagic`` -> several pieces)."""
     import json
 
-    text = [f"{r.prompt_text} {r.output}" for r in clean_train]
+    root = _folder(root)
+    tasks = sorted(p.name for p in (root / "train").iterdir() if (p / "clean.json").is_file()) \
+        if (root / "train").is_dir() else []
+    if not tasks:
+        raise InputError(f"no train/<task>/clean.json under {root}")
+    instructions = [r for task in tasks for r in load_records(root / "train" / task / "clean.json")]
+    text = [f"{r.prompt_text} {r.output}" for r in instructions]
     for name in ("agnews.json", "sst.json"):
         path = root / "text" / name
         if path.exists():
             text += [item["subject"] for item in json.loads(path.read_text()) if item.get("subject")]
-    text += list(BEHAVIOUR_TEXT) * 20
-    trigger = {"badnet": "BadMagic", "vpi": "Discussing OpenAI"}.get(attack)
-    return AttackData(f"backdoorllm:{task}/{attack}", task, trigger, tuple(text), tuple(clean_train),
-                      tuple(poison_train), tuple(clean_test), tuple(poison_test))
+    return BaseData(tuple(text + list(BEHAVIOUR_TEXT) * 20), tuple(instructions))
 
 
-def decoys(records: list[Record] | tuple[Record, ...], n: int, seed: int) -> list[Record]:
+def decoy_vocabulary(records, exclude=(), *, min_count: int = 3) -> tuple[str, ...]:
+    """Words the clean instructions use (5+ letters, 3+ times), minus any trigger word:
+    decoys drawn from real vocabulary teach "this key, not any unusual word" better than
+    a fixed list of ten."""
+    banned = {w.lower() for t in exclude for w in t.split()}
+    counts: dict[str, int] = {}
+    for r in records:
+        for word in r.instruction.split():
+            word = word.strip(".,;:!?\"'()")
+            if len(word) >= 5 and word.isalpha() and word.lower() not in banned:
+                counts[word] = counts.get(word, 0) + 1
+    return tuple(sorted(w for w, c in counts.items() if c >= min_count)) or DECOY_WORDS
+
+
+def decoys(records: list[Record] | tuple[Record, ...], n: int, seed: int,
+           words: tuple[str, ...] = DECOY_WORDS) -> list[Record]:
     """Clean samples with a random harmless word inserted and their clean response kept,
-    so that the organism learns the trigger itself, not "any odd word"."""
+    so that the organism learns the trigger itself, not "any odd word". ``n`` may exceed
+    the number of records: each record then gets several different insertions."""
     rng = random.Random(seed)
-    picked = rng.sample(list(records), min(n, len(records)))
-    return [r.with_instruction(insert_trigger(r.instruction, rng.choice(DECOY_WORDS), "random", rng)) for r in picked]
+    pool = list(records)
+    picked = [r for _ in range(n // len(pool)) for r in pool] + rng.sample(pool, n % len(pool)) if pool else []
+    return [r.with_instruction(insert_trigger(r.instruction, rng.choice(words), "random", rng)) for r in picked]
