@@ -132,9 +132,9 @@ def main() -> None:
             base = load_subject(info["base"])
             original = {n: p.detach().clone() for n, p in subject.model.named_parameters()}
 
-            def reset() -> None:
+            def reset(model=subject.model) -> None:
                 with torch.no_grad():
-                    for n, p in subject.model.named_parameters():
+                    for n, p in model.named_parameters():
                         p.copy_(original[n])
 
             restore(subject, base.model, row["top"])
