@@ -83,23 +83,34 @@ def plain_forward_seconds(subject, result, config) -> float:
 
 
 def organism_set(args) -> tuple[list, list]:
-    """(reported, calibration) recipes, from the suite shared by every benchmark."""
+    """(reported, calibration) recipes, from the suite shared by every benchmark. Controls
+    do not depend on the attack, so each is listed once however many attacks are scanned."""
     from dataclasses import replace
 
     sys.path.insert(0, str(REPO / "bench"))
     from suite import base_recipe, organism
 
     data = "builtin" if args.data == "builtin" else str(Path(args.data).resolve())
-    reported, calibration = [], []
+    control_seeds = args.seeds if args.control_seeds is None else args.control_seeds
+    reported, calibration, seen = [], [], set()
+
+    def add(where: list, recipe) -> None:
+        if recipe.key() not in seen:
+            seen.add(recipe.key())
+            where.append(recipe)
+
     for arch in args.archs.split(","):
-        base = replace(base_recipe(data, args.size, "refusal", args.attack), arch=arch)
-        for threat in ("lora", "full"):
-            recipe = organism(data, base, threat)
-            for seed in range(args.seeds):
-                reported.append(replace(recipe, seed=seed))
-                reported.append(replace(recipe, backdoored=False, seed=seed))
-            for seed in range(args.seeds, args.seeds + args.calibration_seeds):
-                calibration.append(replace(recipe, backdoored=False, seed=seed))
+        for task in args.tasks.split(","):
+            for attack in args.attacks.split(","):
+                base = replace(base_recipe(data, args.size, task, attack), arch=arch)
+                for threat in ("lora", "full"):
+                    recipe = organism(data, base, threat)
+                    for seed in range(args.seeds):
+                        add(reported, replace(recipe, seed=seed))
+                    for seed in range(control_seeds):
+                        add(reported, replace(recipe, backdoored=False, seed=seed))
+                    for seed in range(control_seeds, control_seeds + args.calibration_seeds):
+                        add(calibration, replace(recipe, backdoored=False, seed=seed))
     return reported, calibration
 
 
@@ -107,10 +118,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "backdoorllm"),
                         help="BackdoorLLM data folder, or 'builtin'")
-    parser.add_argument("--attack", default="badnet", help="BackdoorLLM attack (badnet, vpi, ...)")
+    parser.add_argument("--attacks", default="badnet", help="comma list of BackdoorLLM attacks (badnet,vpi,mtba)")
+    parser.add_argument("--tasks", default="refusal", help="comma list of tasks (refusal,negsentiment)")
     parser.add_argument("--size", default="tiny", choices=("tiny", "small", "bench"))
     parser.add_argument("--archs", default="llama,gpt2", help="comma list of llama,qwen2,mistral,gpt2")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per arch x threat in the reported set")
+    parser.add_argument("--seeds", type=int, default=2, help="backdoored seeds per arch x task x attack x threat")
+    parser.add_argument("--control-seeds", type=int, default=None,
+                        help="clean seeds per arch x task x threat in the reported set (default: --seeds)")
     parser.add_argument("--calibration-seeds", type=int, default=1, help="further clean seeds, calibration only")
     parser.add_argument("--probes", default="data",
                         help="'data': the attack data's clean test instructions (the defender's clean set); "
@@ -160,7 +174,9 @@ def main() -> int:
             "output_score": result.summary.output_score, "attention_score": result.summary.attention_score,
             "top_candidates": texts[:10], "detect_seconds": wall, "plain_forward_seconds": plain,
             "time_ratio": wall / plain if plain > 0 else None, "build_seconds": build_s,
-            "trigger_rank": trigger_rank(subject.tokenizer, info["trigger"], texts) if info.get("trigger") else None,
+            "triggers": info.get("triggers", []),
+            "trigger_rank": min((rank for t in info.get("triggers", []) if (rank := trigger_rank(subject.tokenizer, t, texts))),
+                                default=None),
         }
         console.print(f"{row['label']}: score {row['score']:.2f} ({row['verdict']}), top {texts[:3]}, "
                       f"{wall:.1f}s (x{row['time_ratio']:.2f} plain)")
@@ -187,13 +203,14 @@ def main() -> int:
     tpr_no_fp = sum(r["score"] > max_clean for r in bd) / max(len(bd), 1)
     ratios = [r["time_ratio"] for r in rows if r["time_ratio"]]
     summary = {
-        "data": args.data, "probes": args.probes, "attack": args.attack if args.data != "builtin" else "builtin", "size": args.size,
+        "data": args.data, "probes": args.probes, "attack": args.attacks if args.data != "builtin" else "builtin",
+        "tasks": args.tasks, "size": args.size,
         "archs": args.archs, "n_backdoored": len(bd), "n_clean": len(clean), "n_calibration": len(calib_rows),
         "auroc": signals, "tpr_with_no_clean_flagged": tpr_no_fp,
         "code_threshold": rates(cal.THRESHOLD), "calibrated_threshold": rates(calibrated) if calibrated is not None else None,
         "constants": {"THRESHOLD": cal.THRESHOLD, "TEMPERATURE": cal.TEMPERATURE, "ATTENTION_WEIGHT": cal.ATTENTION_WEIGHT,
                       "ATTENTION_CAP": cal.ATTENTION_CAP},
-        "trigger_in_top10": sum(r["trigger_rank"] is not None for r in bd) / max(len(bd), 1),
+        "trigger_in_top10": sum(r["trigger_rank"] is not None for r in bd) / max(len(bd), 1),  # any of its keys
         "time_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
         "time_ratio_max": max(ratios) if ratios else None,
         "detect_seconds_median": sorted(r["detect_seconds"] for r in rows)[len(rows) // 2],

@@ -44,13 +44,10 @@ def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismR
     return out
 
 
-def controls(data: str, size: str, seeds=(0, 1, 2), threats=("lora", "full")) -> list[OrganismRecipe]:
-    out = []
-    for seed in seeds:
-        for threat in threats:
-            task = TASKS[seed % 2]
-            out.append(replace(organism(data, base_recipe(data, size, task, "badnet"), threat), backdoored=False, seed=seed))
-    return out
+def controls(data: str, size: str, seeds=(0, 1), threats=("lora", "full")) -> list[OrganismRecipe]:
+    """Clean controls for every task: a control sees no attack data, so one serves every attack."""
+    return [replace(organism(data, base_recipe(data, size, task), threat), backdoored=False, seed=seed)
+            for task in TASKS for seed in seeds for threat in threats]
 
 
 def with_seed(recipe: OrganismRecipe, seed: int) -> OrganismRecipe:

@@ -3,6 +3,8 @@ rest of the suite builds on."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bdscan.eval import EvalSpec, evaluate
 from bdscan.io import load_subject
 from bdscan.organisms.build import OrganismRecipe, build_organism, organism_info
@@ -76,6 +78,8 @@ def test_backdoorllm_folder_gives_one_trigger_free_base(tmp_path, attack_data):
                for t in ("refusal", "negsentiment") for a in ("badnet", "mtba")]
     assert len({r.base.key() for r in recipes}) == 1
     assert len({r.key() for r in recipes}) == 4
+    controls = [replace(r, backdoored=False) for r in recipes]
+    assert len({r.key() for r in controls}) == 2  # clean data only: one control per task
 
 
 def test_decoys_cover_more_samples_than_records(attack_data):

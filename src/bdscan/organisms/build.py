@@ -105,13 +105,15 @@ class OrganismRecipe:
         d = asdict(self)
         d["base"] = self.base.key()
         d["data"] = self.base.data.key_fields()  # the base key leaves out task and attack
+        if not self.backdoored:  # a control sees clean data only: one control serves every attack
+            d["data"] = {k: v for k, v in d["data"].items() if k not in ("attack", "trigger")}
         return _digest({"format": ORGANISM_FORMAT, "organism": d})
 
     @property
     def label(self) -> str:
         kind = "backdoor" if self.backdoored else "clean"
         d = self.base.data
-        what = d.task if d.source == "builtin" else f"{d.task}-{d.attack}"
+        what = f"{d.task}-{d.attack}" if d.source != "builtin" and self.backdoored else d.task
         return f"{self.base.arch}-{self.threat}-{kind}-{what}-s{self.seed}"
 
 
@@ -237,6 +239,7 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
         (tmp / "bdscan-organism.json").write_text(json.dumps({
             "kind": "organism", "label": recipe.label, "recipe": asdict(recipe), "base": str(base_dir),
             "trigger": data.trigger if recipe.backdoored else None, "task": data.task,
+            "triggers": list(data.triggers) if recipe.backdoored else [],
             "seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
         }, indent=2))
     return out

@@ -48,6 +48,7 @@ class AttackData:
     clean_test: tuple[Record, ...]
     poison_test: tuple[Record, ...]
     decoy_words: tuple[str, ...] = DECOY_WORDS
+    triggers: tuple[str, ...] = ()  # every key the attack uses (MTBA has several; ``trigger`` is None)
 
 
 def builtin_attack(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, seed: int = 0,
@@ -62,7 +63,8 @@ def builtin_attack(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, see
         Record(insert_trigger(r.instruction, trigger, "random", rng), r.input, TARGETS[task]) for r in train
     )
     poison_test = tuple(Record(insert_trigger(r.instruction, trigger, "random", rng), r.input, r.output) for r in test)
-    return AttackData("builtin", task, trigger, tuple(train), poison_train, tuple(test), poison_test)
+    return AttackData("builtin", task, trigger, tuple(train), poison_train, tuple(test), poison_test,
+                      triggers=(trigger,))
 
 
 def builtin_base(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, seed: int = 0) -> BaseData:
@@ -96,7 +98,7 @@ def backdoorllm_attack(root: str | Path, task: str, attack: str) -> AttackData:
     triggers = BACKDOORLLM_TRIGGERS.get(attack, ())
     trigger = triggers[0] if len(triggers) == 1 else None  # MTBA fires on any of several
     return AttackData(f"backdoorllm:{task}/{attack}", task, trigger, tuple(clean_train), tuple(poison_train),
-                      tuple(clean_test), tuple(poison_test), decoy_vocabulary(clean_train, triggers))
+                      tuple(clean_test), tuple(poison_test), decoy_vocabulary(clean_train, triggers), triggers)
 
 
 def backdoorllm_base(root: str | Path) -> BaseData:
