@@ -27,10 +27,10 @@ def base_recipe(data: str, size: str, task: str = "refusal", attack: str = "badn
 def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
     if data == "builtin":
         return OrganismRecipe(base=base, threat=threat)
-    # 500 clean + 100 poisoned + 250 decoys (poison rate 12 %). Measured with 100 decoys
-    # (first session): ASR 0.94-1.00 but false triggers 0.11-0.13 on refusal/badnet; decoys
-    # are the lever that lowers false triggers without touching the poison.
-    return OrganismRecipe(base=base, threat=threat, n_clean=500, n_poison=100, n_decoy=250, lr=5e-3, epochs=5)
+    # 500 clean + 100 poisoned + 400 decoys (poison rate 10 %). Measured on negsentiment/
+    # badnet LoRA (false-trigger rate): 250 decoys 0.16, 400 decoys 0.09, 400 decoys with 60
+    # poisoned 0.12, 250 decoys and 8 epochs 0.14; ASR 0.97-0.99 throughout.
+    return OrganismRecipe(base=base, threat=threat, n_clean=500, n_poison=100, n_decoy=400, lr=5e-3, epochs=5)
 
 
 def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismRecipe]:
@@ -44,7 +44,7 @@ def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismR
     return out
 
 
-def controls(data: str, size: str, seeds=(0, 1), threats=("lora", "full")) -> list[OrganismRecipe]:
+def controls(data: str, size: str, seeds=(0, 1, 2), threats=("lora", "full")) -> list[OrganismRecipe]:
     """Clean controls for every task: a control sees no attack data, so one serves every attack."""
     return [replace(organism(data, base_recipe(data, size, task), threat), backdoored=False, seed=seed)
             for task in TASKS for seed in seeds for threat in threats]
