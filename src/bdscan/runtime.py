@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import torch
 
@@ -46,6 +47,9 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # peft's PeftModel reads transformers' deprecated alias on every wrap; the notice is for
+    # peft's maintainers, not for someone scanning an adapter.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         from huggingface_hub.utils import disable_progress_bars
 
