@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from bdscan.runtime import configure_threads  # noqa: E402
+from bdscan.runtime import configure_threads, quiet_libraries  # noqa: E402
 
 
 def auroc(positive: list[float], negative: list[float]) -> float | None:
@@ -133,6 +133,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect.json"))
     args = parser.parse_args()
     configure_threads(args.threads)
+    quiet_libraries()
 
     from rich.console import Console
     from rich.table import Table
