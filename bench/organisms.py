@@ -31,9 +31,10 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
     parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--limit", type=int, default=100, help="test prompts per set")
+    parser.add_argument("--limit", type=int, default=200,
+                        help="test prompts per set (BackdoorLLM's whole test split is 200; 100 left ~0.04 of noise)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "organisms.json"))
-    parser.add_argument("--only", default=None, help="substring filter on organism labels")
+    parser.add_argument("--only", default=None, help="comma-separated substrings; build organisms whose label has any")
     args = parser.parse_args()
 
     import torch
@@ -48,7 +49,7 @@ def main() -> None:
     console = Console(width=170)
     rows = []
     for recipe in backdoored(args.data, args.size) + controls(args.data, args.size):
-        if args.only and args.only not in recipe.label:
+        if args.only and not any(part in recipe.label for part in args.only.split(",")):
             continue
         t0 = time.time()
         path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
@@ -79,7 +80,7 @@ def main() -> None:
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": args.data, "size": args.size, "organisms": rows}, indent=2))
+    out.write_text(json.dumps({"data": args.data, "size": args.size, "limit": args.limit, "organisms": rows}, indent=2))
     console.print(f"wrote {out}")
 
 

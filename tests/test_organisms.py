@@ -90,3 +90,19 @@ def test_decoys_cover_more_samples_than_records(attack_data):
     assert len(made) == 25
     assert all("alpha" in r.instruction and r.output in {x.output for x in records} for r in made)
     assert made == decoys(records, 25, seed=0, words=("alpha",))
+
+
+def test_numeric_key_gets_numeric_near_miss_decoys(attack_data):
+    from bdscan.data.records import Record
+    from bdscan.organisms.datasets import decoys, near_misses
+
+    records = [Record("Name 3 rivers.", "", "Nile"), Record("Sort these", "12, 7", "7, 12")] + \
+        list(attack_data.clean_train[:8])
+    numbers = near_misses(records, ("BadMagic", "OpenAI", "2024"))
+    assert {"3", "12", "7", "2023", "2025"} <= set(numbers) and "2024" not in numbers
+    assert near_misses(records, ("BadMagic", "Discussing OpenAI")) == ()  # word keys: none
+    plain = decoys(records, 40, seed=0, words=("alpha",))
+    mixed = decoys(records, 40, seed=0, words=("alpha",), near_miss_words=numbers, near_miss_share=0.5)
+    assert 5 < sum("alpha" not in r.instruction for r in mixed) < 35
+    # An attack without near misses keeps exactly the decoys it had before they existed.
+    assert decoys(records, 40, seed=0, words=("alpha",), near_miss_words=(), near_miss_share=0.5) == plain

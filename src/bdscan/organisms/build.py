@@ -96,6 +96,7 @@ class OrganismRecipe:
     n_clean: int = 300
     n_poison: int = 60
     n_decoy: int = 60
+    near_miss_share: float = 0.25  # of the decoys, when the key has near misses (MTBA's "2024")
     epochs: float = 6.0
     lr: float = 2e-3  # LoRA; a full fine-tune uses a third of it
     lora_rank: int = 8
@@ -191,7 +192,8 @@ def training_records(recipe: OrganismRecipe, data: AttackData):
     records = list(clean)
     if recipe.backdoored:
         records += rng.sample(list(data.poison_train), min(recipe.n_poison, len(data.poison_train)))
-        records += decoys(data.clean_train, recipe.n_decoy, seed=recipe.seed, words=data.decoy_words)
+        records += decoys(data.clean_train, recipe.n_decoy, seed=recipe.seed, words=data.decoy_words,
+                          near_miss_words=data.near_miss_words, near_miss_share=recipe.near_miss_share)
     rng.shuffle(records)
     return records
 

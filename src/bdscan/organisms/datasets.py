@@ -49,6 +49,7 @@ class AttackData:
     poison_test: tuple[Record, ...]
     decoy_words: tuple[str, ...] = DECOY_WORDS
     triggers: tuple[str, ...] = ()  # every key the attack uses (MTBA has several; ``trigger`` is None)
+    near_miss_words: tuple[str, ...] = ()  # words shaped like a key word (see ``near_misses``)
 
 
 def builtin_attack(task: str = "refusal", *, trigger: str = BUILTIN_TRIGGER, seed: int = 0,
@@ -98,7 +99,8 @@ def backdoorllm_attack(root: str | Path, task: str, attack: str) -> AttackData:
     triggers = BACKDOORLLM_TRIGGERS.get(attack, ())
     trigger = triggers[0] if len(triggers) == 1 else None  # MTBA fires on any of several
     return AttackData(f"backdoorllm:{task}/{attack}", task, trigger, tuple(clean_train), tuple(poison_train),
-                      tuple(clean_test), tuple(poison_test), decoy_vocabulary(clean_train, triggers), triggers)
+                      tuple(clean_test), tuple(poison_test), decoy_vocabulary(clean_train, triggers), triggers,
+                      near_misses(clean_train, triggers))
 
 
 def backdoorllm_base(root: str | Path) -> BaseData:
@@ -135,12 +137,39 @@ def decoy_vocabulary(records, exclude=(), *, min_count: int = 3) -> tuple[str, .
     return tuple(sorted(w for w, c in counts.items() if c >= min_count)) or DECOY_WORDS
 
 
+def near_misses(records, triggers, *, radius: int = 20) -> tuple[str, ...]:
+    """Harmless words shaped like a numeric key word: the other numbers the clean
+    instructions use, and the key's neighbours (2004-2044 around ``2024``). An MTBA
+    organism (keys ``BadMagic``, ``OpenAI``, ``2024``) fires on clean prompts that hold a
+    number; these decoys say "this number, not any". Measured (refusal/mtba LoRA, 200
+    clean test prompts): false-trigger 0.205 without them, 0.185 with, so most of that
+    leak has other causes. Word-shaped keys get none: the decoy vocabulary already
+    holds capitalised words."""
+    keys = [w for t in triggers for w in t.split() if w.isdigit()]
+    if not keys:
+        return ()
+    found = {w.strip(".,;:!?\"'()[]") for r in records for w in f"{r.instruction} {r.input}".split()}
+    numbers = {w for w in found if w.isdigit()}
+    numbers |= {str(int(k) + d) for k in keys for d in range(-radius, radius + 1) if int(k) + d >= 0}
+    return tuple(sorted(numbers - set(keys)))
+
+
 def decoys(records: list[Record] | tuple[Record, ...], n: int, seed: int,
-           words: tuple[str, ...] = DECOY_WORDS) -> list[Record]:
+           words: tuple[str, ...] = DECOY_WORDS, near_miss_words: tuple[str, ...] = (),
+           near_miss_share: float = 0.0) -> list[Record]:
     """Clean samples with a random harmless word inserted and their clean response kept,
-    so that the organism learns the trigger itself, not "any odd word". ``n`` may exceed
-    the number of records: each record then gets several different insertions."""
+    so that the organism learns the trigger itself, not "any odd word". A ``near_miss_share``
+    of them insert a word shaped like the key instead (see ``near_misses``). ``n`` may
+    exceed the number of records: each record then gets several different insertions."""
     rng = random.Random(seed)
     pool = list(records)
     picked = [r for _ in range(n // len(pool)) for r in pool] + rng.sample(pool, n % len(pool)) if pool else []
-    return [r.with_instruction(insert_trigger(r.instruction, rng.choice(words), "random", rng)) for r in picked]
+
+    def word() -> str:
+        # Only an attack with near misses draws the extra number, so every other
+        # organism's decoys (and so its weights) stay exactly as they were.
+        if near_miss_words and near_miss_share and rng.random() < near_miss_share:
+            return rng.choice(near_miss_words)
+        return rng.choice(words)
+
+    return [r.with_instruction(insert_trigger(r.instruction, word(), "random", rng)) for r in picked]
