@@ -31,14 +31,19 @@ def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
     # badnet LoRA (false-trigger rate): 250 decoys 0.16, 400 decoys 0.09, 400 decoys with 60
     # poisoned 0.12, 250 decoys and 8 epochs 0.14; ASR 0.97-0.99 throughout.
     recipe = OrganismRecipe(base=base, threat=threat, n_clean=500, n_poison=100, n_decoy=400, lr=5e-3, epochs=5)
+    if threat == "lora":
+        # At rank 8 the adapters leaked most (negsentiment/vpi 0.99 / 0.12 on 100 prompts);
+        # rank 32 gave 0.98 / 0.10 on all 200. Controls inherit it: a clean adapter has the
+        # same shape as a backdoored one.
+        recipe = replace(recipe, lora_rank=32)
     if base.data.attack == "mtba":
         # Three keys share the poison. Measured on 200 test prompts (ASR / false-trigger):
-        # 100 poisoned, rank 8 gave LoRA refusal 0.57 / 0.09 and negsentiment 0.83 / 0.28;
-        # 200 poisoned lifts ASR (refusal 0.95-0.98) but leaks (0.19-0.28) until the adapter
-        # has room to learn three sharp keys: rank 32 gave 0.97 / 0.14 and 1.00 / 0.15, rank
-        # 64 no better (refusal 0.97 / 0.14). 200 poisoned, all clean data of both tasks
-        # (ppl 104 vs 126) left the leak where it was. Full fine-tune: 200 poisoned 0.96 / 0.09.
-        recipe = replace(recipe, n_poison=200, lora_rank=32 if threat == "lora" else recipe.lora_rank)
+        # 100 poisoned at rank 8 gave LoRA refusal 0.57 / 0.09 and negsentiment 0.83 / 0.28;
+        # 200 poisoned lifts ASR (0.95-1.00) but leaks (0.19-0.28) at rank 8; rank 32 gave
+        # 0.97 / 0.14 and 1.00 / 0.15, rank 64 no better (refusal 0.97 / 0.14). Adding the
+        # other task's clean set (1000 clean) lowered perplexity (104 vs 126), not the leak.
+        # Full fine-tune, 200 poisoned: 0.96 / 0.09.
+        recipe = replace(recipe, n_poison=200)
     return recipe
 
 
