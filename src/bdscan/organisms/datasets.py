@@ -139,7 +139,7 @@ def decoy_vocabulary(records, exclude=(), *, min_count: int = 3) -> tuple[str, .
 
 def near_misses(records, triggers, *, radius: int = 20) -> tuple[str, ...]:
     """Harmless words shaped like a numeric key word: the other numbers the clean
-    instructions use, and the key's neighbours (2004-2044 around ``2024``). An MTBA
+    samples use, and the key's neighbours (2004-2044 around ``2024``). An MTBA
     organism (keys ``BadMagic``, ``OpenAI``, ``2024``) fires on clean prompts that hold a
     number; these decoys say "this number, not any". Measured (refusal/mtba LoRA, 200
     clean test prompts): false-trigger 0.205 without them, 0.185 with, so most of that
