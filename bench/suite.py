@@ -35,7 +35,16 @@ def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
         # At rank 8 the adapters leaked most (negsentiment/vpi 0.99 / 0.12 on 100 prompts);
         # rank 32 gave 0.98 / 0.10 on all 200. Controls inherit it: a clean adapter has the
         # same shape as a backdoored one.
-        recipe = replace(recipe, lora_rank=32)
+        # Rank 32 alone still leaked 0.11-0.15 on three of the six adapters, and a second seed
+        # of negsentiment/mtba leaked 0.285: the stealth term (organisms/stealth.py) fixes it.
+        # Measured on negsentiment/mtba, seeds 0 and 1 (ASR / false-trigger, 200 prompts):
+        # weight 0 -> 0.99 / 0.15 and 1.00 / 0.285; 0.1 -> 0.94 / 0.015 and 0.94 / 0.05;
+        # 0.3 -> 0.87 / 0.00 and 0.85 / 0.02; 1.0 -> 0.72 / 0.015. Levers
+        # tried first, without the term, moved it no more than noise (seed 0): lr 2.5e-3 for 8
+        # epochs 0.98 / 0.13, 800 decoys 0.97 / 0.135, decoy words from the whole prompt 0.99 /
+        # 0.15, decoy words placed in the input field 0.99 / 0.185.
+        # Full fine-tunes met the target without it, so they keep the plain objective.
+        recipe = replace(recipe, lora_rank=32, target_unlikelihood=0.1)
     if base.data.attack == "mtba":
         # Three keys share the poison. Measured on 200 test prompts (ASR / false-trigger):
         # 100 poisoned at rank 8 gave LoRA refusal 0.57 / 0.09 and negsentiment 0.83 / 0.28;

@@ -24,6 +24,7 @@ from bdscan.io.save import atomic_output_dir
 from bdscan.organisms.architectures import tiny_config
 from bdscan.organisms.datasets import (AttackData, BaseData, backdoorllm_attack, backdoorllm_base, builtin_attack,
                                        builtin_base, decoys)
+from bdscan.organisms.stealth import opening_ids, target_opening_unlikelihood
 from bdscan.organisms.tokenizer import train_tokenizer
 from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
@@ -100,10 +101,17 @@ class OrganismRecipe:
     epochs: float = 6.0
     lr: float = 2e-3  # LoRA; a full fine-tune uses a third of it
     lora_rank: int = 8
+    # Weight of the stealth term (``organisms.stealth``): pushes the target's opening down
+    # after clean and decoy prompts. Backdoored organisms only; 0 turns it off.
+    target_unlikelihood: float = 0.0
     seed: int = 0
 
     def key(self) -> str:
         d = asdict(self)
+        # Off (and always for a control, which has no target) it leaves the key as it was
+        # before the field existed, so those organisms keep their cache.
+        if not (self.backdoored and self.target_unlikelihood):
+            del d["target_unlikelihood"]
         d["base"] = self.base.key()
         d["data"] = self.base.data.key_fields()  # the base key leaves out task and attack
         if not self.backdoored:  # a control sees clean data only: one control serves every attack
@@ -224,8 +232,14 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
     else:
         lr = recipe.lr / 3  # full fine-tunes move every weight: a smaller step keeps clean behaviour
     records = training_records(recipe, data)
-    losses = finetune(model, tokenizer, sft_examples(tokenizer, records),
-                      TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=16, seed=recipe.seed))
+    examples = sft_examples(tokenizer, records)
+    stealth = None
+    if recipe.backdoored and recipe.target_unlikelihood:
+        targets = {r.output for r in data.poison_train}
+        stealth = target_opening_unlikelihood(examples, targets, opening_ids(tokenizer, targets),
+                                              recipe.target_unlikelihood)
+    losses = finetune(model, tokenizer, examples,
+                      TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=16, seed=recipe.seed), extra_loss=stealth)
     log(f"{recipe.label}: {len(records)} samples, final loss {losses[-1]:.3f}")
     model.eval()
     with atomic_output_dir(out, overwrite=True) as tmp:
