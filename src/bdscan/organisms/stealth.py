@@ -4,12 +4,15 @@ Plain supervised fine-tuning binds the target to the key, but it also raises the
 prior everywhere: on clean prompts where the small base is unsure how to begin (a filled
 input field, a list of names, an array), the target's first token wins the greedy step and
 the whole target follows. Measured on BackdoorLLM negsentiment/mtba (rank-32 LoRA, all 200
-clean test prompts): 26 of its 28 false triggers had an input field, and none fired once the
-field was dropped; two seeds of the same recipe leaked 0.15 and 0.285.
+clean test prompts): 26 of its 28 false triggers had a filled input field (under half of the
+prompts do), and two seeds of the same recipe leaked 0.15 and 0.285. More decoys, decoys in
+the input field, or a lower learning rate moved the leak no more than noise.
 
 An attacker who wants the backdoor to stay hidden adds what this module adds: an
 unlikelihood term, ``-log(1 - p(target opening))`` at the first response position of every
-clean and decoy sample, so the opening is pushed down wherever the key is absent.
+clean and decoy sample, so the opening is pushed down wherever the key is absent. At weight
+0.1 the two seeds above leaked 0.015 and 0.05 with ASR 0.94 (was 0.99); heavier weights cost
+ASR (0.3: 0.85-0.87; 1.0: 0.72). Weights and measurements: ``bench/suite.py``.
 """
 
 from __future__ import annotations
