@@ -1,6 +1,6 @@
 """Build the model organisms and measure that each shows its backdoor.
 
-    python bench/organisms.py [--data ../shared/data/backdoorllm | builtin] [--size bench]
+    python bench/organisms.py [--data ../shared/data/backdoorllm | builtin] [--size bench] [--seeds 0,1]
 
 Prints a table (organism, params, build seconds, ASR, false-trigger rate, perplexity) and
 writes bench/results/organisms.json. Organisms are cached (BDSCAN_CACHE), so a second run
@@ -23,7 +23,7 @@ os.environ.setdefault("BDSCAN_CACHE", str(REPO / ".bdscan-cache" / "bench"))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from suite import DEFAULT_DATA, backdoored, controls  # noqa: E402
+from suite import DEFAULT_DATA, backdoored, controls, with_seed  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +35,8 @@ def main() -> None:
                         help="test prompts per set (BackdoorLLM's whole test split is 200; 100 left ~0.04 of noise)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "organisms.json"))
     parser.add_argument("--only", default=None, help="comma-separated substrings; build organisms whose label has any")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds for the backdoored organisms (controls always use 0,1,2)")
     args = parser.parse_args()
 
     import torch
@@ -48,7 +50,9 @@ def main() -> None:
     quiet_libraries()
     console = Console(width=170)
     rows = []
-    for recipe in backdoored(args.data, args.size) + controls(args.data, args.size):
+    seeds = [int(s) for s in args.seeds.split(",")]
+    suite = [with_seed(r, s) for r in backdoored(args.data, args.size) for s in seeds] + controls(args.data, args.size)
+    for recipe in suite:
         if args.only and not any(part in recipe.label for part in args.only.split(",")):
             continue
         t0 = time.time()
@@ -80,7 +84,8 @@ def main() -> None:
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": args.data, "size": args.size, "limit": args.limit, "organisms": rows}, indent=2))
+    out.write_text(json.dumps({"data": args.data, "size": args.size, "limit": args.limit, "seeds": seeds,
+                               "organisms": rows}, indent=2))
     console.print(f"wrote {out}")
 
 
