@@ -103,7 +103,7 @@ def organism_set(args) -> tuple[list, list]:
         for task in args.tasks.split(","):
             for attack in args.attacks.split(","):
                 base = replace(base_recipe(data, args.size, task, attack), arch=arch)
-                for threat in ("lora", "full"):
+                for threat in args.threats.split(","):
                     recipe = organism(data, base, threat)
                     for seed in range(args.seeds):
                         add(reported, replace(recipe, seed=seed))
@@ -122,6 +122,7 @@ def main() -> int:
     parser.add_argument("--tasks", default="refusal", help="comma list of tasks (refusal,negsentiment)")
     parser.add_argument("--size", default="tiny", choices=("tiny", "small", "bench"))
     parser.add_argument("--archs", default="llama,gpt2", help="comma list of llama,qwen2,mistral,gpt2")
+    parser.add_argument("--threats", default="lora,full", help="comma list of lora,full")
     parser.add_argument("--seeds", type=int, default=2, help="backdoored seeds per arch x task x attack x threat")
     parser.add_argument("--control-seeds", type=int, default=None,
                         help="clean seeds per arch x task x threat in the reported set (default: --seeds)")
