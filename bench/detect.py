@@ -107,10 +107,14 @@ def organism_set(args) -> tuple[list, list]:
                     recipe = organism(data, base, threat)
                     for seed in range(args.seeds):
                         add(reported, replace(recipe, seed=seed))
+                    # Controls from the attack-free recipe: an attack's own settings (MTBA's 200
+                    # poisoned samples) would give the same clean model a second key and a rebuild.
+                    clean = replace(organism(data, replace(base_recipe(data, args.size, task), arch=arch), threat),
+                                    backdoored=False)
                     for seed in range(control_seeds):
-                        add(reported, replace(recipe, backdoored=False, seed=seed))
+                        add(reported, replace(clean, seed=seed))
                     for seed in range(control_seeds, control_seeds + args.calibration_seeds):
-                        add(calibration, replace(recipe, backdoored=False, seed=seed))
+                        add(calibration, replace(clean, seed=seed))
     return reported, calibration
 
 
