@@ -7,6 +7,7 @@ purification relies on this for its paired fine-tunes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -68,12 +69,35 @@ def batches(encoded, *, batch_size: int, pad_id: int, shuffle: bool, generator: 
         yield collate(encoded, order[start : start + batch_size], pad_id)
 
 
-def response_loss(model: Any, batch: Batch, device: torch.device) -> tuple[torch.Tensor, Any]:
-    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+def logits_start(batch: Batch) -> int:
+    """The first position whose logits any label of the batch needs: a label at position p
+    is predicted from the logits at p - 1, so nothing before the earliest response matters."""
+    learnt = (batch.labels != IGNORE_INDEX).any(0).nonzero()
+    return max(0, int(learnt[0]) - 1) if learnt.numel() else 0
+
+
+def response_loss(
+    model: Any, batch: Batch, device: torch.device, *, response_logits_only: bool = False, autocast: str | None = None
+) -> tuple[torch.Tensor, Any]:
+    """Mean cross-entropy on the response tokens. ``response_logits_only`` computes logits
+    from ``logits_start(batch)`` on (the same loss: prompt positions are masked anyway),
+    which saves the vocabulary projection over every prompt token: on a 49k-token
+    vocabulary that is most of a small model's step. ``out.logits`` then starts there.
+    ``autocast`` ("bfloat16") runs the forward pass under torch.autocast."""
+    start = logits_start(batch) if response_logits_only else 0
+    kwargs = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
+    with _autocast(device, autocast):
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
     logits = out.logits[:, :-1].float()
-    labels = batch.labels[:, 1:].to(device)
+    labels = batch.labels[:, start + 1 :].to(device)
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     return loss, out
+
+
+def _autocast(device: torch.device, dtype: str | None):
+    if not dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,11 @@ class TrainConfig:
     seed: int = 0
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
+    # Speed knobs that leave the objective unchanged (see ``response_loss``). bf16 autocast
+    # measured ~1.5x faster on this CPU (AMX-bf16) for a 135M model; off by default so
+    # fp32 results stay bit-for-bit what they were.
+    response_logits_only: bool = False
+    autocast: str | None = None  # "bfloat16" or None
 
 
 def finetune(
@@ -125,7 +154,8 @@ def finetune(
     try:
         while len(losses) < total:
             for batch in batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), shuffle=True, generator=generator):
-                loss, out = response_loss(model, batch, device)
+                loss, out = response_loss(model, batch, device, response_logits_only=config.response_logits_only,
+                                          autocast=config.autocast)
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, batch, out)
                 optimizer.zero_grad(set_to_none=True)

@@ -50,7 +50,9 @@ def target_opening_unlikelihood(
         first = learnt.float().argmax(1)[rows]  # the first learnt label of each row
         # logits at position t predict token t + 1, so the first response token is
         # predicted one position earlier.
-        probs = logits[rows.to(logits.device), (first - 1).to(logits.device)].float().softmax(-1)
+        # Logits may start after position 0 (``training.response_loss``, response-only logits).
+        column = first - 1 - (batch.input_ids.shape[1] - logits.shape[1])
+        probs = logits[rows.to(logits.device), column.to(logits.device)].float().softmax(-1)
         p = probs[:, opening_index.to(logits.device)].sum(-1).clamp(max=1 - 1e-6)
         return -weight * torch.log1p(-p).mean()
 
