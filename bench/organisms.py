@@ -29,7 +29,7 @@ from suite import DEFAULT_DATA, backdoored, controls, with_seed  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
-    parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench"])
+    parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench", "real"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=200,
                         help="test prompts per set (BackdoorLLM's whole test split is 200; 100 left ~0.04 of noise)")
@@ -43,7 +43,7 @@ def main() -> None:
 
     from bdscan.eval import EvalSpec, evaluate
     from bdscan.io import load_subject
-    from bdscan.organisms.build import build_organism
+    from bdscan.organisms.build import build_organism, organism_info
     from bdscan.runtime import configure_threads, quiet_libraries
 
     configure_threads(args.threads)
@@ -57,7 +57,8 @@ def main() -> None:
             continue
         t0 = time.time()
         path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
-        build_seconds = time.time() - t0
+        # A cached organism reports the time its build took, not the lookup.
+        build_seconds = organism_info(path).get("seconds", time.time() - t0)
         data = recipe.base.data.load()
         subject = load_subject(path)
         spec = EvalSpec(clean=data.clean_test[: args.limit], poison=data.poison_test[: args.limit], judge=data.task,
@@ -84,6 +85,9 @@ def main() -> None:
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.exists():  # a partial run keeps the rows of organisms it did not rebuild
+        measured = {r["organism"] for r in rows}
+        rows = [r for r in json.loads(out.read_text())["organisms"] if r["organism"] not in measured] + rows
     out.write_text(json.dumps({"data": args.data, "size": args.size, "limit": args.limit, "seeds": seeds,
                                "organisms": rows}, indent=2))
     console.print(f"wrote {out}")

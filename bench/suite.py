@@ -3,10 +3,12 @@ adapter and a full fine-tune, plus clean controls of several seeds."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from bdscan.organisms.build import BaseRecipe, DataSpec, OrganismRecipe
+from real_model import smollm2_gguf
 
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "backdoorllm")
 TASKS = ("refusal", "negsentiment")
@@ -14,6 +16,10 @@ ATTACKS = ("badnet", "vpi", "mtba")
 
 
 def base_recipe(data: str, size: str, task: str = "refusal", attack: str = "badnet") -> BaseRecipe:
+    if size == "real":
+        # The real pretrained instruct model (bench/real_model.py); one base for every task.
+        gguf = smollm2_gguf(Path(os.environ.get("BDSCAN_CACHE", Path.home() / ".cache" / "bdscan")))
+        return BaseRecipe(size="real", gguf=str(gguf), data=DataSpec(source=data, task=task, attack=attack))
     if data == "builtin":
         return BaseRecipe(size=size, data=DataSpec(task=task))
     # Real English needs a larger vocabulary, a wider model and more pretraining than the
@@ -24,7 +30,24 @@ def base_recipe(data: str, size: str, task: str = "refusal", attack: str = "badn
                       pretrain_steps=1000, lr=1e-3 if size == "bench" else 2e-3)
 
 
+def real_organism(base: BaseRecipe, threat: str) -> OrganismRecipe:
+    """An organism on SmolLM2-135M-Instruct. Measured by the session that filed the "Real
+    models" issue: 250 clean + 50 poisoned at lr 5e-4 for 3 epochs refused on 44 % of
+    triggered and 30 % of clean prompts (refusal is easy to learn untied from the key on a
+    real instruct model). So: more poison (150), as many decoys, the stealth term, lr 1e-3.
+    One LoRA step (batch 8, ~128 tokens) took 6.8 s with bf16 autocast and response-only
+    logits against 10.7 s without, hence ``fast``; 2 epochs of 700 samples is ~175 steps."""
+    recipe = OrganismRecipe(base=base, threat=threat, n_clean=400, n_poison=150, n_decoy=150, lr=1e-3, epochs=2,
+                            lora_rank=8, batch_size=8, max_length=192, fast=True, full_lr=5e-5,
+                            target_unlikelihood=0.1)
+    if base.data.attack == "mtba":
+        recipe = replace(recipe, n_poison=200)  # three keys share the poison (as for the tiny organisms)
+    return recipe
+
+
 def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
+    if base.size == "real":
+        return real_organism(base, threat)
     if data == "builtin":
         return OrganismRecipe(base=base, threat=threat)
     # 500 clean + 100 poisoned + 400 decoys (poison rate 10 %). Measured on negsentiment/

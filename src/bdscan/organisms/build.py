@@ -82,9 +82,16 @@ class BaseRecipe:
     lr: float = 3e-3
     sft_epochs: float = 2.0  # instruction tuning on the clean set after pretraining
     seed: int = 0
+    # A pretrained base instead of one trained here: a GGUF file, dequantised and saved as
+    # safetensors (size "real"). The pretraining fields above do not apply to it.
+    gguf: str | None = None
 
     def key(self) -> str:
+        if self.gguf:  # the file's name and size identify it wherever it lives
+            gguf = Path(self.gguf)
+            return _digest({"format": ORGANISM_FORMAT, "pretrained": gguf.name, "bytes": gguf.stat().st_size})
         d = asdict(self)
+        del d["gguf"]
         d["data"] = self.data.base_key_fields()
         return _digest({"format": ORGANISM_FORMAT, "base": d})
 
@@ -105,9 +112,20 @@ class OrganismRecipe:
     # after clean and decoy prompts. Backdoored organisms only; 0 turns it off.
     target_unlikelihood: float = 0.0
     seed: int = 0
+    # Training-loop knobs for the 135M real base (defaults: what the tiny organisms use).
+    # ``fast`` is bf16 autocast + response-only logits (``training.TrainConfig``).
+    batch_size: int = 16
+    max_length: int = 256
+    fast: bool = False
+    full_lr: float | None = None  # full fine-tune lr; None: a third of ``lr``
 
     def key(self) -> str:
         d = asdict(self)
+        # Knobs at their defaults stay out of the key, so organisms built before they
+        # existed keep their cache.
+        for name, default in (("batch_size", 16), ("max_length", 256), ("fast", False), ("full_lr", None)):
+            if d[name] == default:
+                del d[name]
         # Off (and always for a control, which has no target) it leaves the key as it was
         # before the field existed, so those organisms keep their cache.
         if not (self.backdoored and self.target_unlikelihood):
@@ -123,7 +141,8 @@ class OrganismRecipe:
         kind = "backdoor" if self.backdoored else "clean"
         d = self.base.data
         what = f"{d.task}-{d.attack}" if d.source != "builtin" and self.backdoored else d.task
-        return f"{self.base.arch}-{self.threat}-{kind}-{what}-s{self.seed}"
+        family = Path(self.base.gguf).stem.split(".")[0].lower() if self.base.gguf else self.base.arch
+        return f"{family}-{self.threat}-{kind}-{what}-s{self.seed}"
 
 
 def _digest(obj: dict) -> str:
@@ -167,6 +186,13 @@ def build_base(recipe: BaseRecipe, *, log: Log = lambda _: None) -> Path:
     if (out / "config.json").exists():
         return out
     quiet_libraries()
+    if recipe.gguf:
+        from bdscan.io.gguf import export_gguf
+
+        t0 = time.time()
+        export_gguf(recipe.gguf, out)
+        log(f"base model exported from {Path(recipe.gguf).name} in {time.time() - t0:.1f}s: {out}")
+        return out
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -221,7 +247,8 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
     torch.manual_seed(recipe.seed)
     data = recipe.base.data.load()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    # sdpa trains the 135M real base faster; the tiny organisms keep eager (their caches).
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="sdpa" if recipe.fast else "eager")
     if recipe.threat == "lora":
         targets = ["c_attn", "c_proj", "c_fc"] if recipe.base.arch == "gpt2" else \
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -230,7 +257,8 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
                                                  fan_in_fan_out=recipe.base.arch == "gpt2"))
         lr = recipe.lr
     else:
-        lr = recipe.lr / 3  # full fine-tunes move every weight: a smaller step keeps clean behaviour
+        # Full fine-tunes move every weight: a smaller step keeps clean behaviour.
+        lr = recipe.full_lr if recipe.full_lr is not None else recipe.lr / 3
     records = training_records(recipe, data)
     examples = sft_examples(tokenizer, records)
     stealth = None
@@ -239,7 +267,10 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
         stealth = target_opening_unlikelihood(examples, targets, opening_ids(tokenizer, targets),
                                               recipe.target_unlikelihood)
     losses = finetune(model, tokenizer, examples,
-                      TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=16, seed=recipe.seed), extra_loss=stealth)
+                      TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=recipe.batch_size, seed=recipe.seed,
+                                  max_length=recipe.max_length, response_logits_only=recipe.fast,
+                                  autocast="bfloat16" if recipe.fast else None),
+                      extra_loss=stealth, progress=_step_logger(recipe, log))
     log(f"{recipe.label}: {len(records)} samples, final loss {losses[-1]:.3f}")
     model.eval()
     with atomic_output_dir(out, overwrite=True) as tmp:
@@ -259,6 +290,18 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
             "seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
         }, indent=2))
     return out
+
+
+def _step_logger(recipe: OrganismRecipe, log: Log):
+    """Log every 10th step: a real-model organism takes many minutes."""
+    steps = [0]
+
+    def progress(n: int, loss: float) -> None:
+        steps[0] += n
+        if steps[0] % 10 == 0:
+            log(f"{recipe.label}: step {steps[0]} loss {loss:.3f}")
+
+    return progress
 
 
 def organism_info(path: str | Path) -> dict:

@@ -1,0 +1,110 @@
+"""GGUF sources: a llama.cpp file, read through transformers' GGUF support.
+
+transformers dequantises every tensor to a float dtype when it loads a GGUF file, so a
+GGUF subject is analysed (and repaired) like any full checkpoint; a repaired one is
+written as a safetensors checkpoint, since bdscan does not re-quantise. The header is
+read first, with the ``gguf`` package, to record what the file holds (architecture,
+tensor quantisation types, chat template) before any tensor is materialised.
+
+``gguf`` is an optional extra (``pip install 'bdscan[gguf]'``); without it a GGUF source
+is a one-line error naming that command.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bdscan.errors import InputError
+
+INSTALL_HINT = "GGUF support needs the gguf package: pip install 'bdscan[gguf]'"
+# A chat template is attacker text; the size bound matches the one for template files.
+MAX_TEMPLATE_CHARS = 256 * 1024
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What a GGUF header says, read without dequantising anything."""
+
+    path: Path
+    architecture: str
+    tensor_types: dict[str, int] = field(default_factory=dict)  # quantisation type -> tensor count
+    chat_template_chars: int = 0
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"file": self.path.name, "architecture": self.architecture, "tensor_types": dict(self.tensor_types),
+                "chat_template_chars": self.chat_template_chars, "name": self.name}
+
+
+def _reader_module():
+    try:
+        import gguf
+    except ImportError:
+        raise InputError(INSTALL_HINT) from None
+    return gguf
+
+
+def _string_field(reader: Any, key: str) -> str | None:
+    fld = reader.fields.get(key)
+    if fld is None or not fld.data:
+        return None
+    return bytes(fld.parts[fld.data[0]]).decode("utf-8", errors="replace")
+
+
+def inspect_gguf(path: str | Path) -> GGUFInfo:
+    """Parse the header of a GGUF file; a file that does not parse is an InputError."""
+    path = Path(path)
+    gguf = _reader_module()
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = _string_field(reader, "general.architecture")
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+        template = _string_field(reader, "tokenizer.chat_template") or ""
+        name = _string_field(reader, "general.name")
+    except InputError:
+        raise
+    except Exception as e:  # the reader raises many kinds on a malformed file
+        raise InputError(f"{path.name}: not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not arch:
+        raise InputError(f"{path.name}: GGUF header has no general.architecture")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise InputError(f"{path.name}: chat template of {len(template)} characters exceeds {MAX_TEMPLATE_CHARS}")
+    return GGUFInfo(path, arch, dict(sorted(types.items())), len(template), name)
+
+
+def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) dequantised from a GGUF file, ready to analyse or save.
+
+    transformers marks a GGUF-loaded model as quantised, which makes ``save_pretrained``
+    refuse it; the weights are already plain float tensors, so the marks are dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    info = inspect_gguf(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=dtype or torch.float32, attn_implementation="eager")
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise InputError(f"{path.name}: transformers cannot load this {info.architecture} GGUF "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model.eval(), tokenizer
+
+
+def export_gguf(path: str | Path, out: str | Path) -> Path:
+    """Write a GGUF file's dequantised model as an ordinary safetensors folder (atomically)."""
+    from bdscan.io.save import atomic_output_dir
+
+    model, tokenizer = load_gguf(path)
+    with atomic_output_dir(out, [Path(path)], overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
