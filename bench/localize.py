@@ -74,7 +74,7 @@ def removal(before: float, after: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "bench"])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "bench", "real"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=50, help="clean test prompts (x3 trigger positions for ASR)")
     parser.add_argument("--n-clean", type=int, default=200, help="the defender's clean samples for repair")

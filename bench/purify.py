@@ -85,7 +85,7 @@ def signature_ablations(path, recipe, clean, spec, base_knobs, args, console) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
-    parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench"])
+    parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench", "real"])
     parser.add_argument("--methods", default=None, help="comma list (default: every registered method)")
     parser.add_argument("--modes", default="given,agnostic", help="for methods that need a trigger source")
     parser.add_argument("--threats", default="lora,full")
