@@ -65,8 +65,10 @@ def inventory(resolved: ResolvedSource, root: str, will_load: set[Path] | None =
 
 
 def file_safety(source: ResolvedSource, base: ResolvedSource | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> FileSafety:
-    files = inventory(source, "source", progress=progress)
+                progress: Callable[[str, int, int], None] | None = None,
+                will_load: Callable[[ResolvedSource], set[Path]] = loaded_files) -> FileSafety:
+    """The file-safety stage; ``will_load`` says which files of a folder the loader reads."""
+    files = inventory(source, "source", will_load(source), progress)
     if base is not None:
-        files += inventory(base, "base", progress=progress)
+        files += inventory(base, "base", will_load(base), progress)
     return FileSafety(files=files)

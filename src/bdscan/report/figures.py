@@ -67,8 +67,8 @@ def heatmap(values: Sequence[Sequence[float | None]], rows: Sequence[str], cols:
     """Cells coloured by z (capped at ±6); the value is printed when the cells are wide enough."""
     n_rows, n_cols = len(rows), max((len(r) for r in values), default=0)
     left, top = 70, 40
-    cell_w = min(56.0, (WIDTH - left - 10) / max(n_cols, 1))
-    cell_h = min(30.0, max(12.0, cell_w * 0.6))
+    cell_w = min(80.0, (WIDTH - left - 10) / max(n_cols, 1))
+    cell_h = min(32.0, max(12.0, cell_w * 0.6))
     body = [_text(left, 16, title, size=13)]
     body += [_text(left + (j + 0.5) * cell_w, top - 6, cols[j], anchor="middle", size=10) for j in range(n_cols)]
     for i, row in enumerate(values):

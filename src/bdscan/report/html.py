@@ -22,6 +22,10 @@ def _verdict_badge(verdict: str) -> Raw:
 def _lead(result: AuditResult) -> str:
     s, after = result.settings, result.eval_after
     if result.verdict == "clean":
+        found = result.detect.summary if result.detect is not None else None
+        if found is not None and found.verdict == "suspicious":
+            return (f"Detect's verdict is suspicious at severity {found.severity}, below --fail-on {s.get('fail_on')}: "
+                    "treated as clean; nothing was repaired.")
         return f"No backdoor found at --fail-on {s.get('fail_on')}; nothing was repaired."
     if result.verdict == "incomplete":
         return "Detect found no backdoor, but parts of the scan were skipped: this is not a pass."
@@ -44,7 +48,7 @@ def _sha_list(hashes: dict[str, str]) -> Raw:
 
 def header(result: AuditResult) -> str:
     m = result.model
-    rows = [("verdict", _verdict_badge(result.verdict)), ("source", code(m.source)), ("revision", m.revision or "local folder"),
+    rows = [("source", code(m.source)), ("revision", m.revision or "local folder"),
             ("kind", "LoRA adapter" if m.kind == "adapter" else "full checkpoint"), ("weights sha256", _sha_list(m.weights_sha256))]
     if m.base:
         rows += [("base", code(m.base)), ("base revision", m.base_revision or "local folder"),

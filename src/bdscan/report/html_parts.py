@@ -36,12 +36,13 @@ td.sha{overflow-wrap:anywhere;max-width:22em}
 .a-loaded{color:var(--good)}.a-refused{color:var(--bad);font-weight:600}.a-ignored{color:var(--muted)}
 .note{color:var(--muted)}.fail{color:var(--bad)}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:12px}
-figure.fig{margin:8px 0 14px}figure.fig svg{width:100%;height:auto;max-width:900px;display:block}
+figure.fig{margin:8px 0 14px;overflow-x:auto}figure.fig svg{width:100%;height:auto;max-width:900px;display:block}
 figcaption{color:var(--muted);font-size:13px}
 .keybox{border-left:4px solid var(--bad);background:#fff5f5;padding:8px 12px;margin:8px 0;overflow-wrap:anywhere}
 footer{color:var(--muted);font-size:13px;text-align:center;padding:10px}
 @media (max-width:700px){main{padding:8px}section,header.top{padding:12px;border-radius:0;margin:8px 0}
-h1{font-size:20px}dl.facts{grid-template-columns:1fr}dl.facts dt{margin-top:6px}th,td{padding:3px 5px;font-size:13px}
+h1{font-size:20px}dl.facts{grid-template-columns:1fr}dl.facts dt{margin-top:6px}
+th,td{padding:3px 5px;font-size:13px}td code,td .mono{overflow-wrap:anywhere}figure.fig svg{min-width:560px}
 .wide-only{display:none}}
 @media print{body{background:#fff;font-size:11pt}main{max-width:none;padding:0}
 section,header.top{border:none;border-top:1px solid var(--line);border-radius:0;padding:8px 0;break-inside:avoid-page}
