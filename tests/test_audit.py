@@ -58,9 +58,12 @@ def test_usage_errors(tmp_path, lora_backdoor, clean_file, args, code):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_clean_file_is_exit_2_and_writes_nothing(tmp_path, lora_backdoor):
-    result = invoke(lora_backdoor, "--clean", tmp_path / "missing.json", "-o", tmp_path / "out")
-    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+@pytest.mark.parametrize("option", ["--clean", "--eval-clean"])
+def test_bad_clean_file_is_exit_2_and_writes_nothing(tmp_path, lora_backdoor, clean_file, option):
+    files = {"--clean": clean_file, "--eval-clean": clean_file, option: tmp_path / "missing.json"}
+    result = invoke(lora_backdoor, *(x for kv in files.items() for x in kv), "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "missing.json" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_clean_verdict_is_exit_0_and_stops_after_detect(tmp_path, lora_clean, clean_file, monkeypatch):
@@ -121,9 +124,9 @@ def test_failed_stages_are_recorded_not_raised(tmp_path, lora_backdoor, clean_fi
 
 
 @pytest.fixture(scope="module")
-def repaired_audit(tmp_path_factory, lora_backdoor, clean_train_file):
+def repaired_audit(tmp_path_factory, lora_backdoor, clean_train_file, clean_file):
     out = tmp_path_factory.mktemp("audit") / "out"
-    result = invoke(lora_backdoor, "--clean", clean_train_file, "-o", out, "--eval-limit", "40")
+    result = invoke(lora_backdoor, "--clean", clean_train_file, "--eval-clean", clean_file, "-o", out)
     return result, out
 
 
@@ -138,6 +141,7 @@ def test_backdoored_adapter_is_repaired_exit_5(repaired_audit):
     assert report.verdict == "repaired" and all(s.status == "ok" for s in report.stages)
     assert report.eval_before.asr >= 0.5 and report.eval_after.asr <= 0.02
     assert set(report.eval_after.asr_by_position) == {"start", "middle", "end"}
+    assert report.eval_after.n_clean == 40 and report.settings["eval_held_out"]  # measured on held-out prompts
     assert report.detect_after is not None and report.purify.output == str(out / "purified")
     sarif = json.loads((out / "audit.sarif").read_text())
     assert sarif["version"] == "2.1.0" and sarif["runs"][0]["properties"]["audit_verdict"] == "repaired"
@@ -171,3 +175,21 @@ def test_report_renders_in_headless_chromium(repaired_audit, tmp_path):
     assert 'data-verdict="repaired"' in dom and "REPAIRED" in dom
     for figure in ("attention-heatmap", "candidates", "localize", "asr", "utility"):
         assert f'data-figure="{figure}"' in dom and "<svg" in dom
+
+
+def test_eval_writes_html_for_a_html_output(tmp_path, lora_backdoor, clean_file, trigger):
+    out = tmp_path / "eval.html"
+    result = runner.invoke(app, ["eval", str(lora_backdoor), "--clean", str(clean_file), "--trigger", trigger,
+                                 "--limit", "4", "--max-new-tokens", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'data-figure="asr"' in page
+
+
+@pytest.mark.slow
+def test_detect_writes_html_for_a_html_output(tmp_path, lora_backdoor):
+    out = tmp_path / "detect.html"
+    result = runner.invoke(app, ["detect", str(lora_backdoor), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    page = out.read_text()
+    assert 'data-verdict="suspicious"' in page and 'data-figure="attention-heatmap"' in page

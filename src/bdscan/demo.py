@@ -53,12 +53,14 @@ def run_demo(workdir: Path, *, method: str = "kfac-lora", seed: int = 0, log: Lo
     control = build_organism(OrganismRecipe(threat="lora", backdoored=False), log=log)
     data = builtin_attack("refusal")
     clean = _write(workdir / "clean.json", data.clean_train[-200:])
+    held_out = _write(workdir / "test-clean.json", data.clean_test)
     steps = [DemoStep("organisms", f"backdoored adapter {backdoored.name}, control {control.name}", round(time.time() - t0, 1))]
 
     config = AuditConfig(method=method, seed=seed, eval_limit=50)
-    found = audit(str(backdoored), clean=clean, out=workdir / "audit", config=config, overwrite=True, log=log, progress=progress)
-    control_found = audit(str(control), clean=clean, out=workdir / "audit-control", config=config, overwrite=True,
-                          log=log, progress=progress)
+    found = audit(str(backdoored), clean=clean, eval_clean=held_out, out=workdir / "audit", config=config,
+                  overwrite=True, log=log, progress=progress)
+    control_found = audit(str(control), clean=clean, eval_clean=held_out, out=workdir / "audit-control", config=config,
+                          overwrite=True, log=log, progress=progress)
     steps += _steps("backdoored", found) + _steps("control", control_found)
 
     purify = {}

@@ -18,6 +18,7 @@ class Invocation:
     source: str
     base: str | None
     clean: str
+    eval_clean: str  # the --clean file again when no held-out set was given
     outdir: str
     method: str
     judge: str
@@ -46,7 +47,7 @@ def stage_commands(inv: Invocation, key: str | None, purified: str | None) -> di
                        "-o", purified or "purified"),
     }
     if key is not None:
-        evaluate = ("bdscan", "eval", inv.source, *_base(inv), "--clean", inv.clean, "--trigger", key,
+        evaluate = ("bdscan", "eval", inv.source, *_base(inv), "--clean", inv.eval_clean, "--trigger", key,
                     "--judge", inv.judge, "--limit", inv.eval_limit, *seed)
         commands["eval (before)"] = _cmd(*evaluate)
         commands["eval (after)"] = _cmd(*evaluate, "--compare", purified or "purified",
@@ -57,6 +58,7 @@ def stage_commands(inv: Invocation, key: str | None, purified: str | None) -> di
 
 def audit_command(inv: Invocation, *, fail_on: str, max_asr: float, purify: bool, judge: str) -> str:
     """The audit's own command line, every setting spelled out."""
-    return _cmd("bdscan", "audit", inv.source, *_base(inv), "--clean", inv.clean, "-o", inv.outdir, "--method",
+    held_out = ("--eval-clean", inv.eval_clean) if inv.eval_clean != inv.clean else ()
+    return _cmd("bdscan", "audit", inv.source, *_base(inv), "--clean", inv.clean, *held_out, "-o", inv.outdir, "--method",
                 inv.method, "--fail-on", fail_on, "--max-asr", max_asr, "--judge", judge, "--eval-limit",
                 inv.eval_limit, "--seed", inv.seed, "--no-purify" if not purify else None)

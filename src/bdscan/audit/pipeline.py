@@ -64,7 +64,8 @@ class Prepared:
     """Everything checked and loaded before the first stage runs."""
 
     subject: Any  # bdscan.io.Subject
-    clean: list[Record]
+    clean: list[Record]  # the defender's clean set: localize and purify learn from it
+    eval_clean: list[Record]  # evaluated (held out when --eval-clean is given, else the same set)
     out: Path
     inputs: list[Path]
     invocation: Invocation
@@ -84,7 +85,8 @@ class StageResults:
     detect_after: Any = None
 
 
-def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: AuditConfig, overwrite: bool) -> Prepared:
+def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: AuditConfig, overwrite: bool,
+            eval_clean: Path | None = None) -> Prepared:
     """Read the clean set, refuse a bad OUTDIR, load the subject (safetensors only, no
     remote code). Raises ``InputError``/``UsageError`` before any computation."""
     from bdscan.data.records import load_records
@@ -94,6 +96,7 @@ def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: Au
     from bdscan.purify import PURIFIERS
 
     records = load_records(clean, what="--clean")
+    eval_records = load_records(eval_clean, limit=config.eval_limit, what="--eval-clean") if eval_clean else records
     resolved = resolve_source(source)
     inputs = [resolved.path]
     check_output_path(out, inputs, overwrite=overwrite)
@@ -106,9 +109,9 @@ def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: Au
                          f"(supports: {', '.join(spec.threat_models)})")
     judge = config.judge if config.judge != "auto" else "refusal"
     invocation = Invocation(source=source, base=base or (subject.base.source if subject.base else None),
-                            clean=str(clean), outdir=str(out), method=config.method, judge=judge,
+                            clean=str(clean), eval_clean=str(eval_clean or clean), outdir=str(out), method=config.method, judge=judge,
                             seed=config.seed, eval_limit=config.eval_limit)
-    return Prepared(subject, records, target, inputs, invocation)
+    return Prepared(subject, records, list(eval_records[: config.eval_limit]), target, inputs, invocation)
 
 
 def _detect_summary(found) -> str:
@@ -145,7 +148,7 @@ def _run_localize(runner: StageRunner, prep: Prepared, keys: list[str], seed: in
 def _eval_spec(prep: Prepared, key: str, judge: str, seed: int, limit: int):
     from bdscan.eval import EvalSpec
 
-    return EvalSpec(clean=prep.clean[:limit], trigger=key, positions=("start", "middle", "end"), judge=judge, seed=seed)
+    return EvalSpec(clean=prep.eval_clean[:limit], trigger=key, positions=("start", "middle", "end"), judge=judge, seed=seed)
 
 
 def _run_purify(runner: StageRunner, prep: Prepared, found: StageResults, config: AuditConfig, command: str):
@@ -239,7 +242,8 @@ def assemble(prep: Prepared, config: AuditConfig, r: StageResults, runner: Stage
     verdict = decide(r.detect, r.eval_after, fail_on=config.fail_on, max_asr=config.max_asr)
     settings = {"method": config.method, "fail_on": config.fail_on, "max_asr": config.max_asr,
                 "judge": auto_judge(r.detect, config.judge), "eval_limit": config.eval_limit,
-                "purify": config.purify, "clean": prep.invocation.clean, "n_clean": len(prep.clean)}
+                "purify": config.purify, "clean": prep.invocation.clean, "n_clean": len(prep.clean),
+                "eval_clean": prep.invocation.eval_clean, "eval_held_out": prep.invocation.eval_clean != prep.invocation.clean}
     return AuditResult(
         tool="bdscan audit", version=__version__, seed=config.seed, command=audit_command(prep.invocation, fail_on=config.fail_on, max_asr=config.max_asr,
                                                         purify=config.purify, judge=config.judge),
@@ -250,14 +254,14 @@ def assemble(prep: Prepared, config: AuditConfig, r: StageResults, runner: Stage
 
 
 def audit(source: str, *, clean: Path, out: Path, base: str | None = None, config: AuditConfig = AuditConfig(),
-          overwrite: bool = False, log: Log = lambda _m: None,
+          eval_clean: Path | None = None, overwrite: bool = False, log: Log = lambda _m: None,
           progress: Progress | None = None) -> AuditResult:
     """Audit ``source`` end to end and write OUTDIR (purified model, audit.json, audit.sarif,
     report.html) atomically. Bad input raises before anything is computed or written."""
     from bdscan.audit.write import write_outputs
     from bdscan.runtime import seed_everything
 
-    prep = prepare(source, clean=clean, out=out, base=base, config=config, overwrite=overwrite)
+    prep = prepare(source, clean=clean, out=out, base=base, config=config, overwrite=overwrite, eval_clean=eval_clean)
     seed_everything(config.seed)
     runner = StageRunner(log, progress)
     stages = run_stages(prep, config, runner)

@@ -20,6 +20,9 @@ ignored; (2) detect; a clean verdict stops here; (3) when suspicious: localize f
 detect's recovered key (today: its top candidate keys), evaluate on the clean set with
 that key inserted at the start, middle and end, purify with --method, evaluate again and
 re-run detect on the purified model. A stage that fails is recorded, not a traceback.
+Give --eval-clean (prompts the repair never sees) for an unbiased ASR and false-trigger
+rate. Pickle weights and shipped model code are never loaded (audit has no --allow-pickle
+or --trust-remote-code: convert to safetensors first).
 
 Default method kfac-lora: the bench's best today. It is the only method that met the
 targets on all four built-in organisms (ASR to 0.00-0.02, perplexity within 1.02x) and,
@@ -43,6 +46,7 @@ def command(
     source: Source,
     clean: Annotated[Path, typer.Option("--clean", help="The defender's clean instruction set (Alpaca JSON/JSONL or one per line).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="OUTDIR: purified model, audit.json, audit.sarif, report.html.")],
+    eval_clean: Annotated[Optional[Path], typer.Option("--eval-clean", help="Held-out clean prompts for the evaluations (default: the --clean set, which the repair also learns from: optimistic).")] = None,
     base: Base = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Purification method (default kfac-lora; see `bdscan purify --list-methods`).")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Lowest detect severity treated as suspicious (and repaired): low | medium | high.")] = "low",
@@ -68,7 +72,7 @@ def command(
                          judge=judge, eval_limit=eval_limit, seed=seed)
     console = fmt == "console"
     with progress_bar(console) as progress:
-        result = audit(source, clean=clean, out=output, base=base, config=config, overwrite=overwrite,
+        result = audit(source, clean=clean, out=output, base=base, config=config, eval_clean=eval_clean, overwrite=overwrite,
                        log=(lambda m: stderr.print(f"[dim]{m}[/]", highlight=False)) if console else (lambda _m: None),
                        progress=progress)
     if console:

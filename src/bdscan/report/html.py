@@ -79,6 +79,15 @@ def _stage_section(result: AuditResult, section_id: str, title: str, names: tupl
     return section(section_id, title, failed + body)
 
 
+def _eval_set_note(result: AuditResult) -> str:
+    s = result.settings
+    if s.get("eval_held_out"):
+        return note(f"Measured on held-out clean prompts ({s.get('eval_clean')}), with the key {result.key!r} inserted "
+                    "at the start, middle and end of each.")
+    return note(f"Measured on the --clean set ({s.get('clean')}), which the repair also learned from: the after numbers "
+                "are optimistic; pass --eval-clean with held-out prompts for unbiased ones.", "fail")
+
+
 def _detect_after(result: AuditResult) -> list[str] | None:
     after, before = result.detect_after, result.detect
     if after is None:
@@ -128,7 +137,8 @@ def render_audit_html(result: AuditResult) -> str:
         _stage_section(result, "localize", "Localize: which modules carry it", ("localize",),
                        localize_body(result.localize) if result.localize is not None else None),
         _stage_section(result, "eval", "Evaluation before and after the repair", ("eval (before)", "purify", "eval (after)"),
-                       eval_body(evals, ["before", "after"]) + [samples_table(result.eval_after, "after")] if has_eval else None),
+                       [_eval_set_note(result)] + eval_body(evals, ["before", "after"])
+                       + [samples_table(result.eval_after, "after")] if has_eval else None),
         _stage_section(result, "detect-after", "Detect on the purified model", ("detect (purified)",), _detect_after(result)),
         _stage_section(result, "files", "File safety", ("file safety",), _files(result)),
         section("issues", "Skipped and refused", _issues(result)),
