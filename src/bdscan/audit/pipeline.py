@@ -109,8 +109,8 @@ def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: Au
                          f"(supports: {', '.join(spec.threat_models)})")
     judge = config.judge if config.judge != "auto" else "refusal"
     invocation = Invocation(source=source, base=base or (subject.base.source if subject.base else None),
-                            clean=str(clean), eval_clean=str(eval_clean or clean), outdir=str(out), method=config.method, judge=judge,
-                            seed=config.seed, eval_limit=config.eval_limit)
+                            clean=str(clean), eval_clean=str(eval_clean or clean), outdir=str(out),
+                            method=config.method, judge=judge, seed=config.seed, eval_limit=config.eval_limit)
     return Prepared(subject, records, list(eval_records[: config.eval_limit]), target, inputs, invocation)
 
 

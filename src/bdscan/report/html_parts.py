@@ -45,8 +45,8 @@ h1{font-size:20px}dl.facts{grid-template-columns:1fr}dl.facts dt{margin-top:6px}
 th,td{padding:3px 5px;font-size:13px}td code,td .mono{overflow-wrap:anywhere}figure.fig svg{min-width:560px}
 .wide-only{display:none}}
 @media print{body{background:#fff;font-size:11pt}main{max-width:none;padding:0}
-section,header.top{border:none;border-top:1px solid var(--line);border-radius:0;padding:8px 0;break-inside:avoid-page}
-figure.fig{break-inside:avoid}.verdict{print-color-adjust:exact;-webkit-print-color-adjust:exact}
+section,header.top{border:none;border-top:1px solid var(--line);border-radius:0;padding:8px 0}
+h2,h3{break-after:avoid}figure.fig,tr{break-inside:avoid}.verdict{print-color-adjust:exact;-webkit-print-color-adjust:exact}
 pre{white-space:pre-wrap}.scroll{overflow:visible}}
 """
 

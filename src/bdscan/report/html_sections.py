@@ -149,7 +149,7 @@ def utility_chart(results: Sequence[EvalResult | None]) -> str:
         return note("Utility was not measured.")
     series = [Series(s.name, [r.false_trigger_rate, r.agreement] if r else [None, None], s.color)
               for s, r in zip(_pair(results), results)]
-    return bars(["false-trigger rate (clean)", "agreement with the suspicious model"], series, figure_id="utility",
+    return bars(["false-trigger rate (clean)", "agreement (clean answers)"], series, figure_id="utility",
                 title="False triggers and utility", hi=1.0, fmt="{:.2f}",
                 caption="False-trigger rate: clean prompts (no key) judged as the backdoor's behaviour. Agreement: "
                         "greedy clean responses identical to the suspicious model's (n/a for the model itself).")
