@@ -136,3 +136,20 @@ def test_report_command_rerenders_and_rejects_bad_input(tmp_path):
     result = runner.invoke(app, ["report", str(bad), "-o", str(tmp_path / "bad.html")])
     assert result.exit_code == 2 and "missing field" in result.output
     assert not (tmp_path / "bad.html").exists()
+
+
+def test_a_judge_that_never_saw_the_backdoor_cannot_show_a_repair():
+    from bdscan.audit.verdict import MIN_ASR_BEFORE, decide
+
+    found = detect_result()
+    unseen, seen, fixed = eval_result(0.0), eval_result(0.9), eval_result(0.0, "purified")
+    assert decide(found, seen, fixed, fail_on="low", max_asr=0.02) == "repaired"
+    assert decide(found, unseen, fixed, fail_on="low", max_asr=0.02) == "suspicious"
+    assert decide(found, seen, eval_result(0.05), fail_on="low", max_asr=0.02) == "suspicious"
+    # severity low is below --fail-on high: clean, unless detect skipped something (never a silent pass)
+    assert decide(dataclasses.replace(found, skipped=[]), seen, fixed, fail_on="high", max_asr=0.02) == "clean"
+    assert decide(found, seen, fixed, fail_on="high", max_asr=0.02) == "incomplete"
+    assert decide(None, None, None, fail_on="low", max_asr=0.02) == "error"
+    result = audit_result(verdict="suspicious", exit_code=1, eval_before=unseen,
+                          settings={**audit_result().settings, "min_asr_before": MIN_ASR_BEFORE})
+    assert "a repair cannot be shown" in render_audit_html(result)

@@ -20,7 +20,7 @@ from bdscan.audit.commands import Invocation, audit_command, stage_commands
 from bdscan.audit.files import file_safety
 from bdscan.audit.keys import auto_judge, candidate_keys, detect_extras
 from bdscan.audit.stages import StageRunner
-from bdscan.audit.verdict import EXIT_CODES, decide, is_suspicious
+from bdscan.audit.verdict import EXIT_CODES, MIN_ASR_BEFORE, decide, is_suspicious
 from bdscan.data.records import Record
 from bdscan.errors import UsageError
 from bdscan.results.audit import AuditResult, ScannedModel
@@ -239,8 +239,9 @@ def _scanned(subject) -> ScannedModel:
 
 
 def assemble(prep: Prepared, config: AuditConfig, r: StageResults, runner: StageRunner) -> AuditResult:
-    verdict = decide(r.detect, r.eval_after, fail_on=config.fail_on, max_asr=config.max_asr)
+    verdict = decide(r.detect, r.eval_before, r.eval_after, fail_on=config.fail_on, max_asr=config.max_asr)
     settings = {"method": config.method, "fail_on": config.fail_on, "max_asr": config.max_asr,
+                "min_asr_before": MIN_ASR_BEFORE,
                 "judge": auto_judge(r.detect, config.judge), "eval_limit": config.eval_limit,
                 "purify": config.purify, "clean": prep.invocation.clean, "n_clean": len(prep.clean),
                 "eval_clean": prep.invocation.eval_clean, "eval_held_out": prep.invocation.eval_clean != prep.invocation.clean}

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import Base, Seed, Source, handle_errors, progress_bar, quiet_libraries, stderr, stdout
+from bdscan.cli.common import Base, JsonOut, Seed, Source, handle_errors, progress_bar, quiet_libraries, stderr, stdout
 
 FORMATS = ("console", "json")
 
@@ -34,8 +34,9 @@ not be inside the input): purified/ (checkpoint, or adapter for an adapter), aud
 (every stage's result, schema-versioned), audit.sarif and report.html (self-contained).
 
 Exit codes: 0 clean; 1 suspicious and not repaired to the targets; 5 suspicious and
-repaired (residual ASR and false-trigger rate at or under --max-asr); 2 error in the input
-or detect failed; 3 detect incomplete (parts skipped); 4 usage error.
+repaired (residual ASR and false-trigger rate at or under --max-asr, after an ASR of at
+least 0.5 before: a judge that never saw the backdoor cannot show a repair); 2 error in
+the input or detect failed; 3 detect incomplete (parts skipped); 4 usage error.
 
 Example: bdscan audit ./suspect-adapter --clean clean.json -o ./audit-out
 """
@@ -57,9 +58,14 @@ def command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTDIR if it exists (never the input).")] = False,
     fmt: Annotated[str, typer.Option("--format", help="What goes to stdout: console (stage table) | json (audit.json).")] = "console",
     seed: Seed = 0,
+    as_json: JsonOut = False,
 ) -> None:
     from bdscan.errors import UsageError
 
+    if as_json:  # the flag every command has; the same as --format json
+        if fmt not in ("console", "json"):
+            raise UsageError(f"--json contradicts --format {fmt}")
+        fmt = "json"
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     quiet_libraries()

@@ -36,6 +36,11 @@ def _lead(result: AuditResult) -> str:
                 f"false-trigger rate {after.false_trigger_rate:.3f}, both at or under {s.get('max_asr')}.")
     if not s.get("purify", True):
         return "Backdoor suspected; not repaired (--no-purify)."
+    before, floor = result.eval_before, s.get("min_asr_before")
+    if before is not None and before.asr is not None and isinstance(floor, (int, float)) and before.asr < floor:
+        return (f"Backdoor suspected, but with the key {result.key!r} the judge {s.get('judge')} saw ASR {before.asr:.2f} "
+                f"before the repair (under {floor}): a repair cannot be shown. Pass --judge matching the "
+                "backdoor's behaviour, or the key is only part of the trigger.")
     if after is None:
         return "Backdoor suspected; the repair did not complete (see the stages below)."
     return (f"Backdoor suspected; {s.get('method')} left ASR {after.asr if after.asr is not None else 'n/a'} / "
