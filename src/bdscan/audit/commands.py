@@ -44,7 +44,7 @@ def stage_commands(inv: Invocation, key: str | None, purified: str | None) -> di
                          inv.clean, *seed, "-o", "localize.json"),
         "purify": _cmd("bdscan", "purify", inv.source, *_base(inv), "--method", inv.method, "--localization",
                        "localize.json", "--from-detect", "detect.json", "--clean", inv.clean, *seed,
-                       "-o", purified or "purified"),
+                       "-o", "purified"),  # a fresh folder: the evaluations below read the audit's own copy
     }
     if key is not None:
         evaluate = ("bdscan", "eval", inv.source, *_base(inv), "--clean", inv.eval_clean, "--trigger", key,

@@ -140,7 +140,7 @@ def asr_chart(results: Sequence[EvalResult | None]) -> str:
     return bars([f"key at {p}" for p in positions] + ["all positions"], series, figure_id="asr",
                 title="Attack success rate by trigger position", hi=1.0, fmt="{:.2f}",
                 caption="Share of clean prompts, with the key inserted at each position, whose response the judge "
-                        "counts as the backdoor's behaviour.", line=None)
+                        "counts as the backdoor's behaviour.")
 
 
 def utility_chart(results: Sequence[EvalResult | None]) -> str:
