@@ -16,7 +16,7 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["detect", "localize", "purify", "eval", "demo"])
+@pytest.mark.parametrize("command", ["detect", "localize", "purify", "eval", "demo", "audit", "report"])
 def test_every_command_explains_itself(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0

@@ -1,6 +1,7 @@
 """``bdscan``: the root command, global options and exit-code policy.
 
-Exit codes: 0 clean/ok, 1 backdoor suspected, 2 error, 3 nothing to analyse, 4 usage error.
+Exit codes: 0 clean/ok, 1 backdoor suspected, 2 error, 3 nothing to analyse, 4 usage error,
+5 (audit) suspicious and repaired to the targets.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ app = typer.Typer(
     cls=BdscanGroup,
     name="bdscan",
     help="Audit and repair backdoored language-model checkpoints and LoRA adapters.\n\n"
-    "Exit codes: 0 clean/ok, 1 backdoor suspected, 2 error in the input, 3 nothing to analyse, 4 usage error.",
+    "Exit codes: 0 clean/ok, 1 backdoor suspected, 2 error in the input, 3 nothing to analyse, 4 usage error, "
+    "5 (audit) backdoor suspected and repaired.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -67,12 +69,14 @@ def root(
 
 
 def _register() -> None:
-    from bdscan.cli import demo, detect, eval as eval_cmd, localize, purify
+    from bdscan.cli import audit, demo, detect, eval as eval_cmd, localize, purify, report
 
     app.command("detect", help=detect.HELP, no_args_is_help=True)(detect.command)
     app.command("localize", help=localize.HELP, no_args_is_help=True)(localize.command)
     app.command("purify", help=purify.HELP, no_args_is_help=True)(purify.command)
     app.command("eval", help=eval_cmd.HELP, no_args_is_help=True)(eval_cmd.command)
+    app.command("audit", help=audit.HELP, no_args_is_help=True)(audit.command)
+    app.command("report", help=report.HELP, no_args_is_help=True)(report.command)
     app.command("demo", help=demo.HELP)(demo.command)
 
 

@@ -9,13 +9,14 @@ import typer
 
 from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, progress_bar, quiet_libraries, stderr
 
-HELP = """Run the built-in example end to end: detect -> localize -> purify -> eval.
+HELP = """Run the built-in example end to end: `bdscan audit` on a backdoored and a clean adapter.
 
 Builds (or reuses from the cache, ~/.cache/bdscan or $BDSCAN_CACHE) a tiny Llama trained
 from scratch on bdscan's own synthetic instructions, a backdoored LoRA adapter on it and a
-clean control adapter. It then scans both, localizes the backdoor from detect's candidate
-keys (never told the trigger), purifies the adapter and measures ASR before and after.
-Data files, reports and the purified adapter go to --workdir.
+clean control adapter. It then audits both (file safety, detect, and for the suspicious
+one localize, purify and eval from the key detect recovers: never told the trigger), and
+finally measures the purified adapter with the organism's real trigger. Each audit's OUTDIR
+(purified adapter, audit.json, audit.sarif, report.html) goes under --workdir.
 """
 
 
@@ -27,6 +28,7 @@ def command(
     as_json: JsonOut = False,
 ) -> None:
     quiet_libraries()
+    from rich.markup import escape
     from rich.table import Table
 
     from bdscan.demo import run_demo
@@ -36,13 +38,15 @@ def command(
                           log=(lambda m: None) if as_json else (lambda m: stderr.print(f"[dim]{m}[/]")))
 
     def render(console) -> None:
-        table = Table(title="bdscan demo: detect → localize → purify → eval")
+        table = Table(title="bdscan demo: audit of a backdoored and a clean adapter")
         table.add_column("step")
         table.add_column("result")
         table.add_column("s", justify="right")
         for step in result.steps:
-            table.add_row(step.name, step.outcome, f"{step.seconds:.0f}")
+            table.add_row(escape(step.name), escape(step.outcome), f"{step.seconds:.0f}")
         console.print(table)
-        console.print(f"purified adapter: {result.purified_output}  (reports in {result.workdir})")
+        for label, audit in result.audits.items():
+            console.print(f"{label}: {audit['verdict']} (exit {audit['exit_code']}) · report {escape(audit.get('html', ''))}",
+                          highlight=False)
 
     emit(result.to_dict(), as_json=as_json, output=None, render=render)

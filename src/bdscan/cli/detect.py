@@ -78,7 +78,7 @@ def command(
     probes: Annotated[Optional[Path], typer.Option("--probes", help="Clean probe prompts (Alpaca JSON/JSONL or one per line); default: the built-in set.")] = None,
     candidates: Annotated[Optional[Path], typer.Option("--candidates", help="Extra candidate keys: one per line, a JSON list, or a detect JSON report.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="console | json | sarif")] = "console",
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the report (JSON, or SARIF with --format sarif) to this file, atomically.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the report to this file, atomically: HTML for a .html file, else JSON (SARIF with --format sarif).")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Lowest severity that makes the exit code 1: low | medium | high.")] = "low",
     max_probes: Annotated[int, typer.Option("--max-probes", min=1, help="Probe prompts used by the full scan.")] = 24,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Candidate keys scanned in full after screening.")] = 12,
@@ -121,7 +121,11 @@ def command(
                         progress=progress)
     report = to_sarif(result) if fmt == "sarif" else result.to_dict()
     text = json.dumps(report, indent=2, default=str)
-    if output is not None:
+    if output is not None and output.suffix.lower() in (".html", ".htm"):  # the renderer follows the suffix
+        from bdscan.report.html import render_detect_html
+
+        atomic_write_text(output, render_detect_html(result))
+    elif output is not None:
         atomic_write_text(output, text + "\n")
     if fmt == "console":
         render_detect(result, stdout)

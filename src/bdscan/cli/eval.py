@@ -71,8 +71,19 @@ def command(
         if compare:
             other = load_subject(compare, base=compare_base, **opts)
             comparison = evaluate_pair(subject, other, spec, progress=progress)
-            emit(comparison.to_dict(), as_json=as_json, output=output, render=lambda c: render_comparison(comparison, c))
+            _emit(comparison, as_json, output, lambda c: render_comparison(comparison, c))
             return
         ref = load_subject(reference, **opts) if reference else None
         result = evaluate(subject, spec, reference=ref, progress=progress)
-    emit(result.to_dict(), as_json=as_json, output=output, render=lambda c: render_eval(result, c))
+    _emit(result, as_json, output, lambda c: render_eval(result, c))
+
+
+def _emit(result, as_json: bool, output: Path | None, render) -> None:
+    """``-o x.html`` writes the HTML report, any other name the JSON one."""
+    if output is not None and output.suffix.lower() in (".html", ".htm"):
+        from bdscan.io.save import atomic_write_text
+        from bdscan.report.html import render_eval_html
+
+        atomic_write_text(output, render_eval_html(result))
+        output = None
+    emit(result.to_dict(), as_json=as_json, output=output, render=render)

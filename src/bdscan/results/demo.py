@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bdscan.results.base import ResultBase
 
@@ -14,7 +14,7 @@ class DemoStep:
 
 @dataclass(frozen=True)
 class DemoResult(ResultBase):
-    """The built-in example: what each step of detect -> localize -> purify -> eval found."""
+    """The built-in example: what each audit stage found on the backdoored and the control adapter."""
 
     workdir: str
     backdoored: str
@@ -26,3 +26,4 @@ class DemoResult(ResultBase):
     localization: dict
     purify: dict
     purified_output: str
+    audits: dict = field(default_factory=dict)  # label -> verdict, exit code and artefact paths of its audit
