@@ -17,8 +17,12 @@ def default_threads() -> int:
     several threads, so this scales with the core count. ``BDSCAN_THREADS`` overrides it.
     """
     env = os.environ.get("BDSCAN_THREADS")
-    if env:
-        return max(1, int(env))
+    if env is not None and env.strip():
+        if not env.strip().isdigit() or int(env) < 1:
+            from bdscan.errors import UsageError
+
+            raise UsageError(f"BDSCAN_THREADS={env!r}: expected a whole number of threads, at least 1")
+        return int(env)
     return max(1, (os.cpu_count() or 2) // 2)
 
 

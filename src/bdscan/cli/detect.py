@@ -99,6 +99,9 @@ def command(
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fail_on not in SEVERITIES:
         raise UsageError(f"--fail-on {fail_on!r}: choose one of {', '.join(SEVERITIES)}")
+    from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
+
+    check_report_file("-o", output, given_inputs(source, base, files=(probes, candidates)))
     quiet_libraries()
     from bdscan.cli.common import stderr, stdout
     from bdscan.data.records import load_records
@@ -116,6 +119,7 @@ def command(
         seed=seed, max_probes=max_probes, top_k=top_k, screen_size=screen_size, batch_size=batch_size,
     )
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(probes, candidates)))
     with progress_bar(fmt == "console") as progress:
         result = detect(subject, config, log=lambda m: stderr.print(f"[dim]{m}[/]") if fmt == "console" else None,
                         progress=progress)

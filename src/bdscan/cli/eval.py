@@ -42,6 +42,10 @@ def command(
     as_json: JsonOut = False,
     output: Output = None,
 ) -> None:
+    from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
+
+    data_files = (clean, poison)
+    check_report_file("-o", output, given_inputs(source, base, reference, compare, compare_base, files=data_files))
     quiet_libraries()
     from bdscan.data.records import load_records
     from bdscan.data.triggers import POSITIONS
@@ -67,12 +71,13 @@ def command(
     )
     opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     subject = load_subject(source, base=base, **opts)
+    other = load_subject(compare, base=compare_base, **opts) if compare else None
+    ref = load_subject(reference, **opts) if reference else None
+    check_report_file("-o", output, subject_inputs(subject, other, ref) + given_inputs(files=data_files))
     with progress_bar(not as_json) as progress:
-        if compare:
-            other = load_subject(compare, base=compare_base, **opts)
+        if other is not None:
             comparison = evaluate_pair(subject, other, spec, progress=progress)
             emit(comparison.to_dict(), as_json=as_json, output=output, render=lambda c: render_comparison(comparison, c))
             return
-        ref = load_subject(reference, **opts) if reference else None
         result = evaluate(subject, spec, reference=ref, progress=progress)
     emit(result.to_dict(), as_json=as_json, output=output, render=lambda c: render_eval(result, c))

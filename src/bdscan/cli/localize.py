@@ -43,8 +43,9 @@ def command(
     output: Output = None,
 ) -> None:
     quiet_libraries()
-    from bdscan.data.records import load_records
-    from bdscan.errors import InputError, UsageError
+    from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
+    from bdscan.data.records import load_records, require_prompt_lengths
+    from bdscan.errors import UsageError
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates
     from bdscan.localize import LocalizeConfig, localize
@@ -61,18 +62,12 @@ def command(
                                 embedding=not no_embedding, linear_patching=linear_patching)
     except ValueError as e:
         raise UsageError(f"--positions/--pairs: {e}") from None
+    check_report_file("-o", output, given_inputs(source, base, files=(clean, from_detect)))
     candidates = detect_candidates(from_detect) if from_detect is not None else []
     seed_everything(seed)
-    records = load_records(clean, limit=limit, what="--clean")
+    records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if output is not None:
-        from bdscan.io.save import check_output_path
-
-        inputs = [subject.source.path] + ([subject.base.path] if subject.base else [])
-        try:
-            check_output_path(output, inputs, overwrite=True)
-        except InputError as e:
-            raise InputError(f"-o {output}: {e}") from None
+    check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(clean, from_detect)))
     log = (lambda m: stderr.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
     with progress_bar(not as_json) as progress:
         result = localize(subject, config, clean=records, trigger=trigger, candidates=candidates, seed=seed,

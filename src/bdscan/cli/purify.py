@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +27,20 @@ Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adap
 """
 
 
+def _check_paths(output: Path, work_dir: Path | None, inputs: list[Path], *, overwrite: bool) -> tuple[Path, Path]:
+    """OUT and the work dir: outside every input, and the work dir not inside OUT (OUT is
+    renamed into place at the end)."""
+    from bdscan.cli.outputs import check_output_folder
+    from bdscan.errors import UsageError
+
+    target = check_output_folder("-o", output, inputs, overwrite=overwrite)
+    work = check_output_folder("--work-dir", work_dir or target.parent / f".bdscan-work-{target.name}", inputs,
+                               overwrite=True)
+    if work == target or target in work.parents:
+        raise UsageError(f"--work-dir {work} is -o {target} or inside it; choose a folder outside the output")
+    return target, work
+
+
 @handle_errors
 def command(
     source: Annotated[Optional[str], typer.Argument(help="Checkpoint or LoRA adapter (folder or Hub id).", show_default=False)] = None,
@@ -43,7 +58,8 @@ def command(
     judge: Annotated[str, typer.Option("--judge", help="Behaviour judge for ASR: refusal | negsentiment | code-injection | string:T | regex:P")] = "refusal",
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Evaluate on at most N prompts per set.")] = 100,
     limit: Limit = None,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Cache for resumable methods (default: OUT's sibling .bdscan-work-NAME).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Cache for resumable methods (default: OUT's sibling .bdscan-work-NAME, removed on success). Never inside the input or OUT.")] = None,
+    keep_work_dir: Annotated[bool, typer.Option("--keep-work-dir", help="Keep the default work dir after success (a rerun with other knobs reuses finished stages).")] = False,
     base: Base = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the input).")] = False,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="List the methods and exit.")] = False,
@@ -61,7 +77,8 @@ def command(
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates, read_json_report
-    from bdscan.io.save import check_output_path, save_subject
+    from bdscan.cli.outputs import given_inputs, note, subject_inputs
+    from bdscan.io.save import save_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
     from bdscan.report.purify import render_methods, render_purify
     from bdscan.runtime import seed_everything
@@ -71,6 +88,8 @@ def command(
         return
     if source is None or clean is None or output is None:
         raise UsageError("purify needs SOURCE, --clean FILE and -o OUT")
+    data_files = (clean, poison, recipe, localization, from_detect)
+    _check_paths(output, work_dir, given_inputs(source, base, files=data_files), overwrite=overwrite)
     knobs = load_recipe(recipe) if recipe else {}
     recipe_method = knobs.pop("method", None)
     method = method or recipe_method
@@ -97,9 +116,8 @@ def command(
     candidates = detect_candidates(from_detect) if from_detect is not None else []
 
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    inputs_paths = [subject.source.path] + ([subject.base.path] if subject.base else [])
-    target = check_output_path(output, inputs_paths, overwrite=overwrite)
-    work = work_dir or target.parent / f".bdscan-work-{target.name}"
+    inputs_paths = subject_inputs(subject) + given_inputs(files=data_files)
+    target, work = _check_paths(output, work_dir, inputs_paths, overwrite=overwrite)
     with progress_bar(not as_json) as progress:
         inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, candidates=candidates,
                               work_dir=work, log=lambda m: stderr.print(f"[dim]{m}[/]") if not as_json else None,
@@ -108,4 +126,7 @@ def command(
     result = dataclasses.replace(result, output=str(target))
     save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
                  report=result.to_dict(), overwrite=overwrite)
+    if work_dir is None and not keep_work_dir and work.exists():  # a folder the user named is theirs to remove
+        shutil.rmtree(work, ignore_errors=True)
+        note(f"removed the work dir {work} (--keep-work-dir keeps it)")
     emit(result.to_dict(), as_json=as_json, output=None, render=lambda c: render_purify(result, c))
