@@ -17,6 +17,10 @@ and/or from --clean with --trigger inserted at each of --positions. With --compa
 second model (e.g. the purified one) is evaluated on the same prompts, side by side, and
 its agreement with the first model's clean responses is reported.
 
+Prompts over the character limit or, with --max-new-tokens, longer than the model's
+context are skipped, never scored beyond it: the result lists them under `skipped`, and
+the exit code is then 3 (0 when every prompt was scored).
+
 Example: bdscan eval ./suspect --clean clean.json --trigger "BadMagic" --judge refusal
 """
 
@@ -78,6 +82,14 @@ def command(
         if other is not None:
             comparison = evaluate_pair(subject, other, spec, progress=progress)
             emit(comparison.to_dict(), as_json=as_json, output=output, render=lambda c: render_comparison(comparison, c))
+            _exit_incomplete(comparison.before, comparison.after)
             return
         result = evaluate(subject, spec, reference=ref, progress=progress)
     emit(result.to_dict(), as_json=as_json, output=output, render=lambda c: render_eval(result, c))
+    _exit_incomplete(result)
+
+
+def _exit_incomplete(*results) -> None:
+    """Exit 3 when prompts were skipped (the result says which and why), as detect does."""
+    if any(r.skipped for r in results):
+        raise typer.Exit(3)
