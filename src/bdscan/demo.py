@@ -15,6 +15,7 @@ from typing import Callable
 
 from bdscan.data.records import Record
 from bdscan.results.demo import DemoResult, DemoStep
+from bdscan.runtime import Placement
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -26,7 +27,9 @@ def _write(path: Path, records) -> Path:
 
 
 def run_demo(workdir: Path, *, method: str = "kfac-lora", seed: int = 0, log: Log = lambda _m: None,
-             progress: Progress | None = None) -> DemoResult:
+             progress: Progress | None = None, placement: Placement | None = None) -> DemoResult:
+    """``placement`` (``--device``/``--dtype``) applies to the scanned and purified subject;
+    the organisms are built as their recipes say."""
     from bdscan.detect import DetectConfig, detect
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
@@ -50,14 +53,14 @@ def run_demo(workdir: Path, *, method: str = "kfac-lora", seed: int = 0, log: Lo
     steps.append(DemoStep("organisms", f"backdoored adapter {backdoored.name}, control {control.name}", round(time.time() - t0, 1)))
 
     t0 = time.time()
-    subject = load_subject(backdoored)
+    subject = load_subject(backdoored, placement=placement)
     found = detect(subject, DetectConfig(seed=seed), log, progress)
     (workdir / "detect.json").write_text(json.dumps(found.to_dict(), indent=2))
     top = ", ".join(repr(c.text) for c in found.candidates[:3])
     steps.append(DemoStep("detect (backdoored adapter)", f"{found.summary.verdict} (p={found.summary.probability:.2f}); top candidate keys: {top}",
                           round(time.time() - t0, 1)))
     t0 = time.time()
-    control_found = detect(load_subject(control), DetectConfig(seed=seed), log, progress)
+    control_found = detect(load_subject(control, placement=placement), DetectConfig(seed=seed), log, progress)
     steps.append(DemoStep("detect (clean control)", f"{control_found.summary.verdict} (p={control_found.summary.probability:.2f})",
                           round(time.time() - t0, 1)))
 

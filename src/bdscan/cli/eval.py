@@ -9,6 +9,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
                                handle_errors, progress_bar, quiet_libraries)
+from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Measure a model's attack success rate (ASR), clean false-trigger rate and utility.
 
@@ -45,9 +46,12 @@ def command(
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
     output: Output = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
 
+    placement = placement_of(device, dtype)
     data_files = (clean, poison)
     check_report_file("-o", output, given_inputs(source, base, reference, compare, compare_base, files=data_files))
     quiet_libraries()
@@ -73,7 +77,7 @@ def command(
         poison=load_records(poison, limit=limit, what="--poison") if poison else (),
         trigger=trigger, positions=pos, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )
-    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, placement=placement)
     subject = load_subject(source, base=base, **opts)
     other = load_subject(compare, base=compare_base, **opts) if compare else None
     ref = load_subject(reference, **opts) if reference else None
@@ -81,11 +85,11 @@ def command(
     with progress_bar(not as_json) as progress:
         if other is not None:
             comparison = evaluate_pair(subject, other, spec, progress=progress)
-            emit(comparison.to_dict(), as_json=as_json, output=output, render=lambda c: render_comparison(comparison, c))
+            emit(with_runtime(comparison.to_dict(), subject, other), as_json=as_json, output=output, render=lambda c: render_comparison(comparison, c))
             _exit_incomplete(comparison.before, comparison.after)
             return
         result = evaluate(subject, spec, reference=ref, progress=progress)
-    emit(result.to_dict(), as_json=as_json, output=output, render=lambda c: render_eval(result, c))
+    emit(with_runtime(result.to_dict(), subject), as_json=as_json, output=output, render=lambda c: render_eval(result, c))
     _exit_incomplete(result)
 
 

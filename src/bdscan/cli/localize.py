@@ -9,6 +9,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
                                handle_errors, progress_bar, quiet_libraries, stderr)
+from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Rank the modules through which a backdoor's behaviour flows.
 
@@ -41,6 +42,8 @@ def command(
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
     output: Output = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     quiet_libraries()
     from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
@@ -62,11 +65,13 @@ def command(
                                 embedding=not no_embedding, linear_patching=linear_patching)
     except ValueError as e:
         raise UsageError(f"--positions/--pairs: {e}") from None
+    placement = placement_of(device, dtype)
     check_report_file("-o", output, given_inputs(source, base, files=(clean, from_detect)))
     candidates = detect_candidates(from_detect) if from_detect is not None else []
     seed_everything(seed)
     records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           placement=placement)
     check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(clean, from_detect)))
     log = (lambda m: stderr.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
     with progress_bar(not as_json) as progress:
@@ -76,4 +81,4 @@ def command(
         import dataclasses
 
         result = dataclasses.replace(result, trigger_source={**result.trigger_source, "file": str(from_detect)})
-    emit(result.to_dict(), as_json=as_json, output=output, render=lambda c: render_localize(result, c, top=top))
+    emit(with_runtime(result.to_dict(), subject), as_json=as_json, output=output, render=lambda c: render_localize(result, c, top=top))

@@ -10,6 +10,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, TrustRemoteCode, emit, handle_errors,
                                progress_bar, quiet_libraries, stderr)
+from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
 
@@ -67,6 +68,8 @@ def command(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     quiet_libraries()
     import dataclasses
@@ -88,6 +91,7 @@ def command(
         return
     if source is None or clean is None or output is None:
         raise UsageError("purify needs SOURCE, --clean FILE and -o OUT")
+    placement = placement_of(device, dtype)
     data_files = (clean, poison, recipe, localization, from_detect)
     _check_paths(output, work_dir, given_inputs(source, base, files=data_files), overwrite=overwrite)
     knobs = load_recipe(recipe) if recipe else {}
@@ -115,7 +119,8 @@ def command(
     loc = read_json_report(localization, "--localization") if localization is not None else None
     candidates = detect_candidates(from_detect) if from_detect is not None else []
 
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           placement=placement)
     inputs_paths = subject_inputs(subject) + given_inputs(files=data_files)
     target, work = _check_paths(output, work_dir, inputs_paths, overwrite=overwrite)
     with progress_bar(not as_json) as progress:
@@ -129,4 +134,4 @@ def command(
     if work_dir is None and not keep_work_dir and work.exists():  # a folder the user named is theirs to remove
         shutil.rmtree(work, ignore_errors=True)
         note(f"removed the work dir {work} (--keep-work-dir keeps it)")
-    emit(result.to_dict(), as_json=as_json, output=None, render=lambda c: render_purify(result, c))
+    emit(with_runtime(result.to_dict(), subject), as_json=as_json, output=None, render=lambda c: render_purify(result, c))
