@@ -128,7 +128,11 @@ def command(
     with progress_bar(fmt == "console") as progress:
         result = detect(subject, config, log=lambda m: stderr.print(f"[dim]{m}[/]") if fmt == "console" else None,
                         progress=progress)
-    report = to_sarif(result) if fmt == "sarif" else with_runtime(result.to_dict(), subject)
+    if fmt == "sarif":
+        report = to_sarif(result)
+        report["runs"][0]["properties"]["runtime"] = subject.placement()
+    else:
+        report = with_runtime(result.to_dict(), subject)
     text = json.dumps(report, indent=2, default=str)
     if output is not None:
         atomic_write_text(output, text + "\n")

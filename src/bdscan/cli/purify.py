@@ -28,6 +28,31 @@ Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adap
 """
 
 
+def _method_config(method: str | None, recipe: Path | None, overrides: list[str], shortcuts: dict) -> tuple[str, object]:
+    """The method and its config: defaults < --recipe < --set < the --variants/--ratio shortcuts."""
+    import dataclasses
+
+    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
+    from bdscan.errors import UsageError
+    from bdscan.purify import PURIFIERS
+
+    knobs = load_recipe(recipe) if recipe else {}
+    recipe_method = knobs.pop("method", None)
+    method = method or recipe_method
+    if method is None:
+        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
+    if recipe_method and recipe_method != method:
+        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
+    config_class = PURIFIERS.get(method).config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for name in shortcuts:
+        if name not in known:
+            raise UsageError(f"--{name} is a knob of signature, not of {method}")
+    config = config_from_mapping(config_class, {**knobs, **parse_overrides(overrides), **shortcuts},
+                                 where=str(recipe) if recipe else "--set")
+    return method, config
+
+
 def _check_paths(output: Path, work_dir: Path | None, inputs: list[Path], *, overwrite: bool) -> tuple[Path, Path]:
     """OUT and the work dir: outside every input, and the work dir not inside OUT (OUT is
     renamed into place at the end)."""
@@ -74,13 +99,12 @@ def command(
     quiet_libraries()
     import dataclasses
 
-    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
-    from bdscan.data.records import load_records
+    from bdscan.cli.outputs import given_inputs, note, subject_inputs
+    from bdscan.data.records import load_records, require_prompt_lengths
     from bdscan.errors import UsageError
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates, read_json_report
-    from bdscan.cli.outputs import given_inputs, note, subject_inputs
     from bdscan.io.save import save_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
     from bdscan.report.purify import render_methods, render_purify
@@ -94,23 +118,10 @@ def command(
     placement = placement_of(device, dtype)
     data_files = (clean, poison, recipe, localization, from_detect)
     _check_paths(output, work_dir, given_inputs(source, base, files=data_files), overwrite=overwrite)
-    knobs = load_recipe(recipe) if recipe else {}
-    recipe_method = knobs.pop("method", None)
-    method = method or recipe_method
-    if method is None:
-        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
-    if recipe_method and recipe_method != method:
-        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
-    spec = PURIFIERS.get(method)
     shortcuts = {name: value for name, value in (("variants", variants), ("ratio", ratio)) if value is not None}
-    known = {f.name for f in dataclasses.fields(spec.config_class)}
-    for name in shortcuts:
-        if name not in known:
-            raise UsageError(f"--{name} is a knob of signature, not of {method}")
-    config = config_from_mapping(spec.config_class, {**knobs, **parse_overrides(overrides or []), **shortcuts},
-                                 where=str(recipe) if recipe else "--set")
+    method, config = _method_config(method, recipe, overrides or [], shortcuts)
     seed_everything(seed)
-    clean_records = load_records(clean, limit=limit, what="--clean")
+    clean_records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
     eval_spec = EvalSpec(
         clean=clean_records[:eval_limit],
         poison=load_records(poison, limit=eval_limit, what="--poison") if poison else (),
@@ -130,7 +141,7 @@ def command(
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
     result = dataclasses.replace(result, output=str(target))
     save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
-                 report=result.to_dict(), overwrite=overwrite)
+                 report=with_runtime(result.to_dict(), subject), overwrite=overwrite)
     if work_dir is None and not keep_work_dir and work.exists():  # a folder the user named is theirs to remove
         shutil.rmtree(work, ignore_errors=True)
         note(f"removed the work dir {work} (--keep-work-dir keeps it)")
