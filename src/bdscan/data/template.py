@@ -80,6 +80,9 @@ class PromptTemplate:
 def template_origin(tokenizer: Any) -> str:
     """The file a tokenizer's chat template was read from (for messages)."""
     folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    gguf = (getattr(tokenizer, "init_kwargs", None) or {}).get("gguf_file")
+    if gguf:  # transformers read the template from the GGUF's metadata
+        return f"{folder / gguf} (tokenizer.chat_template)"
     for name in TEMPLATE_FILES:
         if (folder / name).is_file():
             return str(folder / name)
