@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
-from functools import wraps
+from functools import lru_cache, wraps
 from typing import Any, Callable, Iterator
 
 MAX_TEMPLATE_CHARS = 256 * 1024  # the largest templates on the Hub are ~20 KiB
@@ -134,6 +134,7 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+@lru_cache(maxsize=1)  # jinja is imported, and the class built, once
 def _sandbox_class() -> type:
     from jinja2 import nodes
     from jinja2.ext import Extension
