@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bdscan.results.demo import DemoResult, DemoStep
+from bdscan.runtime import Placement
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -41,7 +42,9 @@ def _steps(label: str, audit_result) -> list[DemoStep]:
 
 
 def run_demo(workdir: Path, *, method: str = "kfac-lora", seed: int = 0, log: Log = lambda _m: None,
-             progress: Progress | None = None) -> DemoResult:
+             progress: Progress | None = None, placement: Placement | None = None) -> DemoResult:
+    """``placement`` (``--device``/``--dtype``) applies to the audited subjects; the
+    organisms are built as their recipes say."""
     from bdscan.audit import AuditConfig, audit
     from bdscan.organisms.build import OrganismRecipe, build_organism
     from bdscan.organisms.datasets import builtin_attack
@@ -56,7 +59,7 @@ def run_demo(workdir: Path, *, method: str = "kfac-lora", seed: int = 0, log: Lo
     held_out = _write(workdir / "test-clean.json", data.clean_test)
     steps = [DemoStep("organisms", f"backdoored adapter {backdoored.name}, control {control.name}", round(time.time() - t0, 1))]
 
-    config = AuditConfig(method=method, seed=seed, eval_limit=50)
+    config = AuditConfig(method=method, seed=seed, eval_limit=50, placement=placement)
     found = audit(str(backdoored), clean=clean, eval_clean=held_out, out=workdir / "audit", config=config,
                   overwrite=True, log=log, progress=progress)
     control_found = audit(str(control), clean=clean, eval_clean=held_out, out=workdir / "audit-control", config=config,

@@ -49,3 +49,16 @@ def greedy_generate(
         tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in outputs]
+
+
+def context_length(model: Any) -> int | None:
+    """The positions the model can attend over (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "get_base_model", None)
+    if base is not None:  # a PeftModel: the wrapped model's config
+        config = base().config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

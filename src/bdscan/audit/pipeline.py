@@ -46,6 +46,7 @@ class AuditConfig:
     judge: str = "auto"  # behaviour judge for ASR; auto: detect's inverted target if any, else refusal
     eval_limit: int = 100  # clean prompts evaluated (each also with the key at start, middle and end)
     seed: int = 0
+    placement: Any = None  # runtime.Placement (--device/--dtype); None: the default placement
 
     def __post_init__(self) -> None:
         from bdscan.purify import PURIFIERS
@@ -100,7 +101,7 @@ def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: Au
     resolved = resolve_source(source)
     inputs = [resolved.path]
     check_output_path(out, inputs, overwrite=overwrite)
-    subject = load_subject(source, base=base)
+    subject = load_subject(source, base=base, placement=config.placement)
     inputs += [subject.base.path] if subject.base is not None else []
     target = check_output_path(out, inputs, overwrite=overwrite)
     spec = PURIFIERS.get(config.method)

@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from bdscan import __version__
+from bdscan.cli.common import handle_errors
 
 
 # typer may vendor click; take its exception classes from typer's own hierarchy.
@@ -59,6 +60,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
+@handle_errors
 def root(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: half the cores; env BDSCAN_THREADS). One thread is fastest on a busy 2-core box.")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bdscan.cli.devices import Device, Dtype, placement_of
 from bdscan.cli.common import Base, JsonOut, Seed, Source, handle_errors, progress_bar, quiet_libraries, stderr, stdout
 
 FORMATS = ("console", "json")
@@ -59,6 +60,8 @@ def command(
     fmt: Annotated[str, typer.Option("--format", help="What goes to stdout: console (stage table) | json (audit.json).")] = "console",
     seed: Seed = 0,
     as_json: JsonOut = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     from bdscan.errors import UsageError
 
@@ -75,7 +78,7 @@ def command(
     from bdscan.report.audit_console import render_audit
 
     config = AuditConfig(method=method or DEFAULT_METHOD, fail_on=fail_on, purify=not no_purify, max_asr=max_asr,
-                         judge=judge, eval_limit=eval_limit, seed=seed)
+                         judge=judge, eval_limit=eval_limit, seed=seed, placement=placement_of(device, dtype))
     console = fmt == "console"
     with progress_bar(console) as progress:
         result = audit(source, clean=clean, out=output, base=base, config=config, eval_clean=eval_clean, overwrite=overwrite,

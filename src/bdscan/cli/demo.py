@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, progress_bar, quiet_libraries, stderr
+from bdscan.cli.devices import Device, Dtype, placement_of
 
 HELP = """Run the built-in example end to end: `bdscan audit` on a backdoored and a clean adapter.
 
@@ -26,7 +27,10 @@ def command(
     method: Annotated[str, typer.Option("--method", help="Purification method to demonstrate.")] = "kfac-lora",
     seed: Seed = 0,
     as_json: JsonOut = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
+    placement = placement_of(device, dtype)
     quiet_libraries()
     from rich.markup import escape
     from rich.table import Table
@@ -34,7 +38,7 @@ def command(
     from bdscan.demo import run_demo
 
     with progress_bar(not as_json) as progress:
-        result = run_demo(workdir, method=method, seed=seed, progress=progress,
+        result = run_demo(workdir, method=method, seed=seed, progress=progress, placement=placement,
                           log=(lambda m: None) if as_json else (lambda m: stderr.print(f"[dim]{m}[/]")))
 
     def render(console) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Seed, Source, TrustRemoteCode, handle_errors, progress_bar,
                                quiet_libraries)
+from bdscan.cli.devices import Device, Dtype, placement_of, runtime_line, with_runtime
 
 FORMATS = ("console", "json", "sarif")
 SEVERITIES = ("low", "medium", "high")
@@ -88,6 +89,8 @@ def command(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     from bdscan.errors import UsageError
 
@@ -99,6 +102,10 @@ def command(
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fail_on not in SEVERITIES:
         raise UsageError(f"--fail-on {fail_on!r}: choose one of {', '.join(SEVERITIES)}")
+    from bdscan.cli.outputs import check_report_file, given_inputs, note, subject_inputs
+
+    placement = placement_of(device, dtype)
+    check_report_file("-o", output, given_inputs(source, base, files=(probes, candidates)))
     quiet_libraries()
     from bdscan.cli.common import stderr, stdout
     from bdscan.data.records import load_records
@@ -115,11 +122,17 @@ def command(
         candidates=_load_candidates(candidates) if candidates else (),
         seed=seed, max_probes=max_probes, top_k=top_k, screen_size=screen_size, batch_size=batch_size,
     )
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           placement=placement)
+    check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(probes, candidates)))
     with progress_bar(fmt == "console") as progress:
         result = detect(subject, config, log=lambda m: stderr.print(f"[dim]{m}[/]") if fmt == "console" else None,
                         progress=progress)
-    report = to_sarif(result) if fmt == "sarif" else result.to_dict()
+    if fmt == "sarif":
+        report = to_sarif(result)
+        report["runs"][0]["properties"]["runtime"] = subject.placement()
+    else:
+        report = with_runtime(result.to_dict(), subject)
     text = json.dumps(report, indent=2, default=str)
     if output is not None and output.suffix.lower() in (".html", ".htm"):  # the renderer follows the suffix
         from bdscan.report.html import render_detect_html
@@ -129,6 +142,7 @@ def command(
         atomic_write_text(output, text + "\n")
     if fmt == "console":
         render_detect(result, stdout)
+        note(runtime_line(subject))
     else:
         typer.echo(text)
     code = exit_code(result, fail_on)

@@ -9,6 +9,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
                                handle_errors, progress_bar, quiet_libraries)
+from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Measure a model's attack success rate (ASR), clean false-trigger rate and utility.
 
@@ -16,6 +17,10 @@ Triggered prompts come from --poison (a file whose instructions already hold the
 and/or from --clean with --trigger inserted at each of --positions. With --compare, a
 second model (e.g. the purified one) is evaluated on the same prompts, side by side, and
 its agreement with the first model's clean responses is reported.
+
+Prompts over the character limit or, with --max-new-tokens, longer than the model's
+context are skipped, never scored beyond it: the result lists them under `skipped`, and
+the exit code is then 3 (0 when every prompt was scored).
 
 Example: bdscan eval ./suspect --clean clean.json --trigger "BadMagic" --judge refusal
 """
@@ -41,7 +46,14 @@ def command(
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
     output: Output = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
+    from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
+
+    placement = placement_of(device, dtype)
+    data_files = (clean, poison)
+    check_report_file("-o", output, given_inputs(source, base, reference, compare, compare_base, files=data_files))
     quiet_libraries()
     from bdscan.data.records import load_records
     from bdscan.data.triggers import POSITIONS
@@ -65,20 +77,24 @@ def command(
         poison=load_records(poison, limit=limit, what="--poison") if poison else (),
         trigger=trigger, positions=pos, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )
-    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, placement=placement)
     subject = load_subject(source, base=base, **opts)
+    other = load_subject(compare, base=compare_base, **opts) if compare else None
+    ref = load_subject(reference, **opts) if reference else None
+    check_report_file("-o", output, subject_inputs(subject, other, ref) + given_inputs(files=data_files))
     with progress_bar(not as_json) as progress:
-        if compare:
-            other = load_subject(compare, base=compare_base, **opts)
+        if other is not None:
             comparison = evaluate_pair(subject, other, spec, progress=progress)
-            _emit(comparison, as_json, output, lambda c: render_comparison(comparison, c))
+            _emit(comparison, with_runtime(comparison.to_dict(), subject, other), as_json, output,
+                  lambda c: render_comparison(comparison, c))
+            _exit_incomplete(comparison.before, comparison.after)
             return
-        ref = load_subject(reference, **opts) if reference else None
         result = evaluate(subject, spec, reference=ref, progress=progress)
-    _emit(result, as_json, output, lambda c: render_eval(result, c))
+    _emit(result, with_runtime(result.to_dict(), subject), as_json, output, lambda c: render_eval(result, c))
+    _exit_incomplete(result)
 
 
-def _emit(result, as_json: bool, output: Path | None, render) -> None:
+def _emit(result, payload: dict, as_json: bool, output: Path | None, render) -> None:
     """``-o x.html`` writes the HTML report, any other name the JSON one."""
     if output is not None and output.suffix.lower() in (".html", ".htm"):
         from bdscan.io.save import atomic_write_text
@@ -86,4 +102,10 @@ def _emit(result, as_json: bool, output: Path | None, render) -> None:
 
         atomic_write_text(output, render_eval_html(result))
         output = None
-    emit(result.to_dict(), as_json=as_json, output=output, render=render)
+    emit(payload, as_json=as_json, output=output, render=render)
+
+
+def _exit_incomplete(*results) -> None:
+    """Exit 3 when prompts were skipped (the result says which and why), as detect does."""
+    if any(r.skipped for r in results):
+        raise typer.Exit(3)

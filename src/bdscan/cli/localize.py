@@ -9,6 +9,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
                                handle_errors, progress_bar, quiet_libraries, stderr)
+from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Rank the modules through which a backdoor's behaviour flows.
 
@@ -41,10 +42,13 @@ def command(
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
     output: Output = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     quiet_libraries()
-    from bdscan.data.records import load_records
-    from bdscan.errors import InputError, UsageError
+    from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
+    from bdscan.data.records import load_records, require_prompt_lengths
+    from bdscan.errors import UsageError
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates
     from bdscan.localize import LocalizeConfig, localize
@@ -61,18 +65,14 @@ def command(
                                 embedding=not no_embedding, linear_patching=linear_patching)
     except ValueError as e:
         raise UsageError(f"--positions/--pairs: {e}") from None
+    placement = placement_of(device, dtype)
+    check_report_file("-o", output, given_inputs(source, base, files=(clean, from_detect)))
     candidates = detect_candidates(from_detect) if from_detect is not None else []
     seed_everything(seed)
-    records = load_records(clean, limit=limit, what="--clean")
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if output is not None:
-        from bdscan.io.save import check_output_path
-
-        inputs = [subject.source.path] + ([subject.base.path] if subject.base else [])
-        try:
-            check_output_path(output, inputs, overwrite=True)
-        except InputError as e:
-            raise InputError(f"-o {output}: {e}") from None
+    records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
+    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           placement=placement)
+    check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(clean, from_detect)))
     log = (lambda m: stderr.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
     with progress_bar(not as_json) as progress:
         result = localize(subject, config, clean=records, trigger=trigger, candidates=candidates, seed=seed,
@@ -81,4 +81,4 @@ def command(
         import dataclasses
 
         result = dataclasses.replace(result, trigger_source={**result.trigger_source, "file": str(from_detect)})
-    emit(result.to_dict(), as_json=as_json, output=output, render=lambda c: render_localize(result, c, top=top))
+    emit(with_runtime(result.to_dict(), subject), as_json=as_json, output=output, render=lambda c: render_localize(result, c, top=top))

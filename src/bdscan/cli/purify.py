@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,6 +10,7 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, TrustRemoteCode, emit, handle_errors,
                                progress_bar, quiet_libraries, stderr)
+from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
 
@@ -24,6 +26,45 @@ and agreement with the suspicious model are always measured. report.json goes in
 
 Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adapter-purified
 """
+
+
+def _method_config(method: str | None, recipe: Path | None, overrides: list[str], shortcuts: dict) -> tuple[str, object]:
+    """The method and its config: defaults < --recipe < --set < the --variants/--ratio shortcuts."""
+    import dataclasses
+
+    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
+    from bdscan.errors import UsageError
+    from bdscan.purify import PURIFIERS
+
+    knobs = load_recipe(recipe) if recipe else {}
+    recipe_method = knobs.pop("method", None)
+    method = method or recipe_method
+    if method is None:
+        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
+    if recipe_method and recipe_method != method:
+        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
+    config_class = PURIFIERS.get(method).config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for name in shortcuts:
+        if name not in known:
+            raise UsageError(f"--{name} is a knob of signature, not of {method}")
+    config = config_from_mapping(config_class, {**knobs, **parse_overrides(overrides), **shortcuts},
+                                 where=str(recipe) if recipe else "--set")
+    return method, config
+
+
+def _check_paths(output: Path, work_dir: Path | None, inputs: list[Path], *, overwrite: bool) -> tuple[Path, Path]:
+    """OUT and the work dir: outside every input, and the work dir not inside OUT (OUT is
+    renamed into place at the end)."""
+    from bdscan.cli.outputs import check_output_folder
+    from bdscan.errors import UsageError
+
+    target = check_output_folder("-o", output, inputs, overwrite=overwrite)
+    work = check_output_folder("--work-dir", work_dir or target.parent / f".bdscan-work-{target.name}", inputs,
+                               overwrite=True)
+    if work == target or target in work.parents:
+        raise UsageError(f"--work-dir {work} is -o {target} or inside it; choose a folder outside the output")
+    return target, work
 
 
 @handle_errors
@@ -43,7 +84,8 @@ def command(
     judge: Annotated[str, typer.Option("--judge", help="Behaviour judge for ASR: refusal | negsentiment | code-injection | string:T | regex:P")] = "refusal",
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Evaluate on at most N prompts per set.")] = 100,
     limit: Limit = None,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Cache for resumable methods (default: OUT's sibling .bdscan-work-NAME).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Cache for resumable methods (default: OUT's sibling .bdscan-work-NAME, removed on success). Never inside the input or OUT.")] = None,
+    keep_work_dir: Annotated[bool, typer.Option("--keep-work-dir", help="Keep the default work dir after success (a rerun with other knobs reuses finished stages).")] = False,
     base: Base = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the input).")] = False,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="List the methods and exit.")] = False,
@@ -51,17 +93,19 @@ def command(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     quiet_libraries()
     import dataclasses
 
-    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
-    from bdscan.data.records import load_records
+    from bdscan.cli.outputs import given_inputs, note, subject_inputs
+    from bdscan.data.records import load_records, require_prompt_lengths
     from bdscan.errors import UsageError
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates, read_json_report
-    from bdscan.io.save import check_output_path, save_subject
+    from bdscan.io.save import save_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
     from bdscan.report.purify import render_methods, render_purify
     from bdscan.runtime import seed_everything
@@ -71,23 +115,13 @@ def command(
         return
     if source is None or clean is None or output is None:
         raise UsageError("purify needs SOURCE, --clean FILE and -o OUT")
-    knobs = load_recipe(recipe) if recipe else {}
-    recipe_method = knobs.pop("method", None)
-    method = method or recipe_method
-    if method is None:
-        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
-    if recipe_method and recipe_method != method:
-        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
-    spec = PURIFIERS.get(method)
+    placement = placement_of(device, dtype)
+    data_files = (clean, poison, recipe, localization, from_detect)
+    _check_paths(output, work_dir, given_inputs(source, base, files=data_files), overwrite=overwrite)
     shortcuts = {name: value for name, value in (("variants", variants), ("ratio", ratio)) if value is not None}
-    known = {f.name for f in dataclasses.fields(spec.config_class)}
-    for name in shortcuts:
-        if name not in known:
-            raise UsageError(f"--{name} is a knob of signature, not of {method}")
-    config = config_from_mapping(spec.config_class, {**knobs, **parse_overrides(overrides or []), **shortcuts},
-                                 where=str(recipe) if recipe else "--set")
+    method, config = _method_config(method, recipe, overrides or [], shortcuts)
     seed_everything(seed)
-    clean_records = load_records(clean, limit=limit, what="--clean")
+    clean_records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
     eval_spec = EvalSpec(
         clean=clean_records[:eval_limit],
         poison=load_records(poison, limit=eval_limit, what="--poison") if poison else (),
@@ -96,10 +130,10 @@ def command(
     loc = read_json_report(localization, "--localization") if localization is not None else None
     candidates = detect_candidates(from_detect) if from_detect is not None else []
 
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    inputs_paths = [subject.source.path] + ([subject.base.path] if subject.base else [])
-    target = check_output_path(output, inputs_paths, overwrite=overwrite)
-    work = work_dir or target.parent / f".bdscan-work-{target.name}"
+    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           placement=placement)
+    inputs_paths = subject_inputs(subject) + given_inputs(files=data_files)
+    target, work = _check_paths(output, work_dir, inputs_paths, overwrite=overwrite)
     with progress_bar(not as_json) as progress:
         inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, candidates=candidates,
                               work_dir=work, log=lambda m: stderr.print(f"[dim]{m}[/]") if not as_json else None,
@@ -107,5 +141,8 @@ def command(
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
     result = dataclasses.replace(result, output=str(target))
     save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
-                 report=result.to_dict(), overwrite=overwrite)
-    emit(result.to_dict(), as_json=as_json, output=None, render=lambda c: render_purify(result, c))
+                 report=with_runtime(result.to_dict(), subject), overwrite=overwrite)
+    if work_dir is None and not keep_work_dir and work.exists():  # a folder the user named is theirs to remove
+        shutil.rmtree(work, ignore_errors=True)
+        note(f"removed the work dir {work} (--keep-work-dir keeps it)")
+    emit(with_runtime(result.to_dict(), subject), as_json=as_json, output=None, render=lambda c: render_purify(result, c))

@@ -8,6 +8,11 @@ from pathlib import Path
 
 from bdscan.errors import InputError
 
+# Prompts longer than this are never tokenised: a 50 MB line took ~7 GB and a minute in the
+# tokenizer, or aborted it. 256 Ki characters is ~64k tokens of English, more context than
+# most models have; a longer prompt is skipped with this reason (or refused where it cannot be).
+MAX_PROMPT_CHARS = 256 * 1024
+
 
 @dataclass(frozen=True)
 class Record:
@@ -24,6 +29,23 @@ class Record:
 
     def with_instruction(self, instruction: str) -> "Record":
         return Record(instruction, self.input, self.output)
+
+
+def prompt_too_long(record: Record) -> str | None:
+    """Why ``record`` cannot be prompted (over ``MAX_PROMPT_CHARS``), or None."""
+    n = len(record.instruction) + len(record.input)
+    if n > MAX_PROMPT_CHARS:
+        return f"{n:,} characters, over the {MAX_PROMPT_CHARS:,}-character prompt limit"
+    return None
+
+
+def require_prompt_lengths(records: list[Record], what: str) -> list[Record]:
+    """For commands that use every record: refuse the set if one is over the limit."""
+    for i, record in enumerate(records):
+        reason = prompt_too_long(record)
+        if reason:
+            raise InputError(f"{what}: record {i + 1} is {reason}")
+    return records
 
 
 def _record_from(obj: object, where: str) -> Record:

@@ -93,7 +93,7 @@ def head_similarity(rows: torch.Tensor, valid: torch.Tensor | None = None) -> to
     mean pairwise cosine similarity between heads.
     """
     if valid is not None:
-        rows = rows * valid[:, None, :].to(rows.dtype)
+        rows = rows * valid[:, None, :].to(rows.device, rows.dtype)
     unit = F.normalize(rows.float(), dim=-1)
     gram = unit @ unit.transpose(-1, -2)  # [batch, heads, heads]
     heads = gram.shape[-1]

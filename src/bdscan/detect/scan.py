@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from bdscan import __version__
-from bdscan.data.records import Record
+from bdscan.data.records import Record, prompt_too_long
 from bdscan.detect import calibration
 from bdscan.detect.candidates import (Screened, adapter_shift, adjacent_pairs, inserted_prompts, norm_outliers,
                                       sample_controls, screen_keys, vocabulary)
@@ -46,6 +46,10 @@ def _usable_probes(subject: Any, records: list[Record], skipped: list[Issue]) ->
         getattr(unwrap(subject.model).config, "n_positions", None)
     kept = []
     for i, record in enumerate(records):
+        too_long = prompt_too_long(record)  # before the tokenizer, which a 50 MB line exhausts
+        if too_long:
+            skipped.append(Issue(f"probe {i + 1}", too_long))
+            continue
         n = len(subject.tokenizer(subject.template.format(record), add_special_tokens=False)["input_ids"])
         if limit and n + 16 > limit:
             skipped.append(Issue(f"probe {i + 1}", f"{n} tokens do not fit the model's {limit} positions"))

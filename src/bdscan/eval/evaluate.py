@@ -11,10 +11,12 @@ from typing import Callable, Sequence
 from bdscan.data.judges import parse_judge
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
-from bdscan.errors import UsageError
+from bdscan.errors import NothingToAnalyse, UsageError
+from bdscan.eval.prompts import fitting_prompts
 from bdscan.eval.utility import agreement, response_perplexity
 from bdscan.generation import greedy_generate
 from bdscan.io.load import Subject
+from bdscan.results.detect import Issue
 from bdscan.results.eval import EvalComparison, EvalResult, Sample
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -72,18 +74,32 @@ def evaluate(subject: Subject, spec: EvalSpec, *, reference: Subject | None = No
     return evaluate_with_responses(subject, spec, reference, reference_responses, progress)[0]
 
 
+def _fitting(subject: Subject, records: Sequence[Record], spec: EvalSpec, what: str,
+             skipped: list[Issue]) -> list[Record]:
+    kept, issues = fitting_prompts(subject, records, spec.max_new_tokens, what)
+    skipped.extend(issues)
+    return kept
+
+
 def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject | None,
               reference_responses: Sequence[str] | None, progress: Progress | None) -> tuple[EvalResult, list[str]]:
     """``evaluate`` that also returns the clean greedy responses (for agreement checks)."""
     t0 = time.time()
     judge = parse_judge(spec.judge)
-    clean_responses = _generate(subject, spec.clean, spec, "clean", progress)
-    samples = {"clean": [Sample(r.instruction, out, judge(out)) for r, out in zip(spec.clean, clean_responses)][:N_SAMPLES_KEPT]}
+    skipped: list[Issue] = []
+    clean = _fitting(subject, spec.clean, spec, "clean", skipped)
+    if not clean:
+        raise NothingToAnalyse(f"eval: none of the {len(spec.clean)} clean prompts fits ({skipped[0].reason})")
+    clean_responses = _generate(subject, clean, spec, "clean", progress)
+    samples = {"clean": [Sample(r.instruction, out, judge(out)) for r, out in zip(clean, clean_responses)][:N_SAMPLES_KEPT]}
     ftr = sum(map(judge, clean_responses)) / len(clean_responses)
 
     by_position: dict[str, float] = {}
     hits = total = 0
     for name, records in spec.triggered_sets().items():
+        records = _fitting(subject, records, spec, f"triggered:{name}", skipped)
+        if not records:
+            continue
         responses = _generate(subject, records, spec, f"triggered:{name}", progress)
         flags = [judge(o) for o in responses]
         by_position[name] = sum(flags) / len(flags)
@@ -93,15 +109,19 @@ def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject
 
     ref_name = None
     if reference is not None:
-        reference_responses = _generate(reference, spec.clean, spec, "reference", progress)
+        reference_responses = _generate(reference, clean, spec, "reference", progress)
         ref_name = reference.source.source
-    agree = agreement(clean_responses, reference_responses) if reference_responses is not None else None
-    ppl = response_perplexity(subject.model, subject.tokenizer, subject.template, spec.clean)
+    agree = None
+    if reference_responses is not None and len(reference_responses) == len(clean_responses):
+        agree = agreement(clean_responses, reference_responses)
+    elif reference_responses is not None:  # the two models kept different prompts: no pairing
+        skipped.append(Issue("agreement", "the reference kept a different set of clean prompts"))
+    ppl = response_perplexity(subject.model, subject.tokenizer, subject.template, clean)
     result = EvalResult(
         source=subject.source.source, kind=subject.kind, template=subject.template.describe(), judge=spec.judge,
         asr=hits / total if total else None, asr_by_position=by_position, false_trigger_rate=ftr,
-        perplexity=ppl, agreement=agree, n_poison=total, n_clean=len(spec.clean), reference=ref_name,
-        seconds=round(time.time() - t0, 3), samples=samples,
+        perplexity=ppl, agreement=agree, n_poison=total, n_clean=len(clean), reference=ref_name,
+        seconds=round(time.time() - t0, 3), samples=samples, skipped=skipped,
     )
     return result, clean_responses
 

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bdscan.data.chat_render import MAX_TEMPLATE_CHARS  # one bound for every template source
 from bdscan.errors import InputError
 
 INSTALL_HINT = "GGUF support needs the gguf package: pip install 'bdscan[gguf]'"
-# A chat template is attacker text; the size bound matches the one for template files.
-MAX_TEMPLATE_CHARS = 256 * 1024
 
 
 @dataclass(frozen=True)

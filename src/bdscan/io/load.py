@@ -13,6 +13,7 @@ import torch
 from bdscan.data.template import PromptTemplate, template_for
 from bdscan.errors import InputError
 from bdscan.io.resolve import ResolvedSource, resolve_source
+from bdscan.runtime import Placement
 
 
 @dataclass
@@ -37,6 +38,19 @@ class Subject:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def placement(self) -> dict:
+        """Where the subject runs, for reports: its first device, precision, and the
+        device map when accelerate spread it over several."""
+        from bdscan.runtime import dtype_name
+
+        device_map = getattr(self.model, "hf_device_map", None) or getattr(unwrap_peft(self.model), "hf_device_map", None)
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype),
+                "device_map": sorted({str(d) for d in device_map.values()}) if device_map else None}
 
     def provenance(self) -> dict:
         out = {"subject": self.source.provenance(), "template": self.template.describe()}
@@ -95,10 +109,16 @@ def _load_tokenizer(*paths: Path, trust_remote_code: bool) -> Any:
     raise InputError(f"no usable tokenizer in {', '.join(str(p) for p in paths)}{detail}")
 
 
-def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype: torch.dtype) -> Any:
+def unwrap_peft(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype: torch.dtype,
+                    device_map: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     _check_causal(resolved.path, trust_remote_code)
+    placed = {"device_map": device_map} if device_map else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -109,6 +129,7 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
                 use_safetensors=not resolved.uses_pickle,
                 # Detect reads attention probabilities, which fused kernels do not return.
                 attn_implementation="eager",
+                **placed,
             )
     except Exception as e:
         raise InputError(f"{resolved.path}: could not load the model ({_first_line(e)})") from None
@@ -133,16 +154,23 @@ def load_subject(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    placement: Placement | None = None,
 ) -> Subject:
-    """Resolve and load a checkpoint or LoRA adapter. Raises ``InputError`` on bad input."""
+    """Resolve and load a checkpoint or LoRA adapter. Raises ``InputError`` on bad input.
+
+    ``placement`` (``--device``/``--dtype``) overrides ``dtype`` and ``device``."""
+    placement = placement or Placement(torch.device(device), dtype)
+    dtype, device = placement.dtype, placement.device
     resolved = resolve_source(source, allow_pickle=allow_pickle)
     if resolved.kind == "full":
         if base is not None:
             raise InputError(f"{resolved.path}: --base is only for adapters, but this is a full checkpoint")
-        model = _load_causal_lm(resolved, trust_remote_code=trust_remote_code, dtype=dtype)
+        device_map = placement.device_map(resolved.weight_files)
+        model = _load_causal_lm(resolved, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device_map)
         tokenizer = _load_tokenizer(resolved.path, trust_remote_code=trust_remote_code)
         _check_tokenizer_fits(tokenizer, model, resolved.path)
-        model.to(device)
+        if device_map is None:
+            model.to(device)
         return Subject(model, tokenizer, "full", template_for(tokenizer), resolved)
 
     from peft import PeftModel
@@ -159,7 +187,8 @@ def load_subject(
         raise InputError(f"adapter {resolved.path}: its base is not reachable ({e}); pass --base") from None
     if base_resolved.kind != "full":
         raise InputError(f"{base_resolved.path}: the base of an adapter must be a full checkpoint")
-    base_model = _load_causal_lm(base_resolved, trust_remote_code=trust_remote_code, dtype=dtype)
+    device_map = placement.device_map(base_resolved.weight_files + resolved.weight_files)
+    base_model = _load_causal_lm(base_resolved, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device_map)
     tokenizer = _load_tokenizer(resolved.path, base_resolved.path, trust_remote_code=trust_remote_code)
     _check_tokenizer_fits(tokenizer, base_model, resolved.path)
     try:
@@ -169,5 +198,6 @@ def load_subject(
     except Exception as e:
         raise InputError(f"{resolved.path}: adapter does not fit base {base_resolved.source} ({_first_line(e)})") from None
     model.eval()
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     return Subject(model, tokenizer, "adapter", template_for(tokenizer), resolved, base=base_resolved)

@@ -7,6 +7,7 @@ half-written folder. Outputs may never be the input or lie inside it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import shutil
 import tempfile
@@ -17,12 +18,18 @@ from typing import Any, Iterable, Iterator
 from bdscan.errors import InputError
 
 
+def temporary_prefix(out: Path) -> str:
+    """The name every temporary of ``out`` starts with (a hidden sibling)."""
+    return f".{out.name}.tmp-"
+
+
 def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool = False) -> Path:
+    """``out`` resolved; ``InputError`` naming both paths if it is, holds or lies inside an input."""
     out = Path(out).expanduser().resolve()
     for src in inputs:
         src = Path(src).expanduser().resolve()
         if out == src or src in out.parents:
-            raise InputError(f"output {out} is the input or inside it ({src}); choose a folder outside the input")
+            raise InputError(f"output {out} is the input or inside it ({src}); choose a path outside the input")
         if out in src.parents:
             raise InputError(f"output {out} contains the input {src}; choose another folder")
     if out.exists() and not overwrite:
@@ -30,12 +37,40 @@ def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool = Fa
     return out
 
 
+def check_output_file(out: Path, inputs: Iterable[Path]) -> Path:
+    """A report file: outside every input, and not an existing folder (it is replaced if a file)."""
+    target = check_output_path(out, inputs, overwrite=True)
+    if target.is_dir():
+        raise InputError(f"output {target} is an existing directory; give a file name")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise InputError(f"output {target}: {target.parent} is not a directory")
+    return target
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete what an interrupted write of ``out`` left beside it (bdscan's own
+    ``.NAME.tmp-*`` and ``.NAME.old-*`` names only); return what was removed. Two runs
+    writing the same output at once are not supported, so any such sibling is stale."""
+    out = Path(out).expanduser().resolve()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for prefix in (temporary_prefix(out), f".{out.name}.old-"):
+        for stale in sorted(out.parent.glob(glob.escape(prefix) + "*")):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, inputs: Iterable[Path] = (), *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out`` in one rename."""
     target = check_output_path(Path(out), inputs, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), dir=target.parent))
     try:
         yield tmp
         if target.exists():
@@ -54,9 +89,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a single file atomically (temporary file in the same folder, then replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as f:
-        f.write(text)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=temporary_prefix(path), delete=False,
+                                     encoding="utf-8") as f:
         tmp = Path(f.name)
+        try:
+            f.write(text)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(path)
 
 

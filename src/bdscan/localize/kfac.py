@@ -69,7 +69,7 @@ class KFACFactors:
         def inv(M: torch.Tensor) -> torch.Tensor:
             d = M.shape[0]
             lam = damping * float(torch.trace(M)) / d + 1e-12
-            return torch.linalg.inv(M + lam * torch.eye(d, dtype=M.dtype))
+            return torch.linalg.inv(M + lam * torch.eye(d, dtype=M.dtype, device=M.device))
 
         return inv(self.A), inv(self.G)
 
@@ -210,9 +210,10 @@ def compute_factors(model: Any, names: Sequence[str], batches: Sequence[Batch], 
     def accumulate(name: str, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> None:
         a2 = a.double().reshape(-1, a.shape[-1])
         g2 = g.double().reshape(-1, g.shape[-1])
-        w = m.reshape(-1, 1)
-        sums_A[name] = sums_A.get(name, 0) + (a2 * w).T @ a2
-        sums_G[name] = sums_G.get(name, 0) + (g2 * w).T @ g2
+        w = m.reshape(-1, 1).to(a2.device)  # the mask comes from the CPU batch
+        # products on the layer's device, the small [d, d] sums kept on the CPU (see KFACFactors)
+        sums_A[name] = sums_A.get(name, 0) + ((a2 * w).T @ a2).cpu()
+        sums_G[name] = sums_G.get(name, 0) + ((g2 * w.to(g2.device)).T @ g2).cpu()
         tokens[name] = tokens.get(name, 0) + int(m.sum())
         seqs[name] = seqs.get(name, 0) + a.shape[0]
 
@@ -231,10 +232,10 @@ def compute_factors(model: Any, names: Sequence[str], batches: Sequence[Batch], 
 
         def refit(name: str, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> None:
             f = factors[name]
-            w = m.unsqueeze(-1)
+            w = m.unsqueeze(-1).to(g.device)
             # per-sequence weight gradient Σ_t g_t a_tᵀ, projected on the eigenbases
-            per_seq = torch.einsum("blo,bli->boi", g.double() * w, a.double())
-            proj = f.QG.T @ per_seq @ f.QA
+            per_seq = torch.einsum("blo,bli->boi", g.double() * w, a.double().to(g.device))
+            proj = f.QG.T @ per_seq.cpu() @ f.QA
             sums_S[name] = sums_S.get(name, 0) + (proj * proj).sum(0)
 
         _collect(model, list(factors), batches, refit, None)

@@ -38,6 +38,15 @@ def render_eval(result: EvalResult, console: Console) -> None:
     for name, samples in result.samples.items():
         for s in samples[:1]:
             console.print(f"[dim]{name}:[/] {s.prompt[:60]!r} → {s.response[:70]!r} [{'red' if s.hit else 'green'}]{'HIT' if s.hit else 'ok'}[/]")
+    render_skipped(result, console)
+
+
+def render_skipped(result: EvalResult, console: Console, shown: int = 5) -> None:
+    """The prompts not scored, and why (the JSON lists every one)."""
+    for issue in result.skipped[:shown]:
+        console.print(f"skipped {issue.what}: {issue.reason}", style="yellow", markup=False, highlight=False)
+    if len(result.skipped) > shown:
+        console.print(f"... and {len(result.skipped) - shown} more skipped (see the JSON report)", style="yellow")
 
 
 def render_comparison(comparison: EvalComparison, console: Console) -> None:
@@ -49,3 +58,5 @@ def render_comparison(comparison: EvalComparison, console: Console) -> None:
     for (name, a), (_, b) in zip(_rows(before), _rows(after)):
         table.add_row(name, a, b)
     console.print(table)
+    render_skipped(before, console)
+    render_skipped(after, console)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bdscan.results.base import ResultBase
+from bdscan.results.detect import Issue
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class EvalResult(ResultBase):
     reference: str | None = None
     seconds: float = 0.0
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # a few examples per set
+    skipped: list[Issue] = field(default_factory=list)  # prompts not scored (too long for the limit or the context)
 
 
 @dataclass(frozen=True)
