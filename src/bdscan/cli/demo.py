@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, progress_bar, quiet_libraries, stderr
+from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, log_line, progress_bar, quiet_libraries
 
 HELP = """Run the built-in example end to end: detect -> localize -> purify -> eval.
 
@@ -33,7 +33,7 @@ def command(
 
     with progress_bar(not as_json) as progress:
         result = run_demo(workdir, method=method, seed=seed, progress=progress,
-                          log=(lambda m: None) if as_json else (lambda m: stderr.print(f"[dim]{m}[/]")))
+                          log=(lambda m: None) if as_json else log_line)
 
     def render(console) -> None:
         table = Table(title="bdscan demo: detect → localize → purify → eval")

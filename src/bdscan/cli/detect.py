@@ -100,7 +100,7 @@ def command(
     if fail_on not in SEVERITIES:
         raise UsageError(f"--fail-on {fail_on!r}: choose one of {', '.join(SEVERITIES)}")
     quiet_libraries()
-    from bdscan.cli.common import stderr, stdout
+    from bdscan.cli.common import log_line, stdout
     from bdscan.data.records import load_records
     from bdscan.detect import DetectConfig, detect
     from bdscan.io import load_subject
@@ -117,7 +117,7 @@ def command(
     )
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     with progress_bar(fmt == "console") as progress:
-        result = detect(subject, config, log=lambda m: stderr.print(f"[dim]{m}[/]") if fmt == "console" else None,
+        result = detect(subject, config, log=log_line if fmt == "console" else (lambda m: None),
                         progress=progress)
     report = to_sarif(result) if fmt == "sarif" else result.to_dict()
     text = json.dumps(report, indent=2, default=str)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
-                               handle_errors, progress_bar, quiet_libraries, stderr)
+                               handle_errors, log_line, progress_bar, quiet_libraries)
 
 HELP = """Rank the modules through which a backdoor's behaviour flows.
 
@@ -73,7 +73,7 @@ def command(
             check_output_path(output, inputs, overwrite=True)
         except InputError as e:
             raise InputError(f"-o {output}: {e}") from None
-    log = (lambda m: stderr.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
+    log = log_line if not as_json else (lambda _m: None)
     with progress_bar(not as_json) as progress:
         result = localize(subject, config, clean=records, trigger=trigger, candidates=candidates, seed=seed,
                           log=log, progress=progress)

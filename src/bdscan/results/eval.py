@@ -30,6 +30,7 @@ class EvalResult(ResultBase):
     reference: str | None = None
     seconds: float = 0.0
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # a few examples per set
+    provenance: dict = field(default_factory=dict)  # every file loaded, hashed (bdscan.io.provenance)
 
 
 @dataclass(frozen=True)
