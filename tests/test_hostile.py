@@ -212,6 +212,14 @@ def missing_layer(tmp, fx):
     return f
 
 
+def renamed_tensor(tmp, fx):
+    f = _full(tmp, fx)
+    state = load_file(f / "model.safetensors")
+    state["model.norm.weight_renamed"] = state.pop("model.norm.weight")
+    save_file(state, f / "model.safetensors", metadata={"format": "pt"})
+    return f
+
+
 def unexpected_tensor(tmp, fx):
     f = _full(tmp, fx)
     state = load_file(f / "model.safetensors")
@@ -315,6 +323,18 @@ def config_not_object(tmp, fx):
     return f
 
 
+def huge_layer_count(tmp, fx):
+    f = _full(tmp, fx)
+    edit_json(f / "config.json", num_hidden_layers=2**31)
+    return f
+
+
+def wide_layers(tmp, fx):
+    f = _full(tmp, fx)
+    edit_json(f / "config.json", intermediate_size=10**7)
+    return f
+
+
 def hub_id_with_markup(tmp, fx):
     return "no-such-org/[@revision]"
 
@@ -334,7 +354,8 @@ CASES = {
     "base_of_adapter_is_pickle": Case(base_with_pickle, 2, "base is not reachable .*pickle files"),
     **{name: Case(lambda tmp, fx, h=h: _header(tmp, fx, **h), 2, "corrupt or unreadable safetensors")
        for name, h in HEADERS.items()},
-    "missing_layer_tensors": Case(missing_layer, 2, "weights missing from the checkpoint"),
+    "missing_layer_tensors": Case(missing_layer, 2, "declares 2 layers but the weights hold 1"),
+    "renamed_tensor": Case(renamed_tensor, 2, "1 weights missing from the checkpoint .model.norm.weight"),
     "unexpected_tensor": Case(unexpected_tensor, 2, "weights unexpected"),
     "int8_weights_in_float_model": Case(int8_full, 2, "integer tensors"),
     "int8_adapter_tensors": Case(int8_adapter, 2, "integer tensors"),
@@ -350,6 +371,8 @@ CASES = {
     "markup_in_base_model_name": Case(markup_base_name, 2, r"base is not reachable \(\[/x\]: no such directory"),
     "control_chars_in_base_model_name": Case(control_chars_base_name, 2, r"\[bold\]red\\u000asecond line\\u202e"),
     "config_not_an_object": Case(config_not_object, 2, "expected a JSON object"),
+    "config_declares_billions_of_layers": Case(huge_layer_count, 2, "declares 2147483648 layers but the weights hold 2"),
+    "config_declares_gigabytes_of_parameters": Case(wide_layers, 2, "declares a model of 3,840,.* parameters"),
     "hub_id_with_markup": Case(hub_id_with_markup, 2, r"no-such-org/\[@revision\]: no such directory"),
 }
 
@@ -469,6 +492,30 @@ def test_error_messages_are_one_line_on_every_path(tmp_path):
     result = runner.invoke(app, ["detect", str(tmp_path / "[red]missing\nline")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "[red]missing\\u000aline" in result.stderr
+
+
+# --- regressions found by bench/fuzz.py ------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_fuzz_deeply_nested_data_file_is_an_input_error(tmp_path, suffix):
+    """RecursionError from json's parser escaped load_records (bench/fuzz.py, seed 0)."""
+    from bdscan.data.records import load_records
+
+    path = tmp_path / f"set{suffix}"
+    path.write_text("[" * 5000)
+    with pytest.raises(InputError, match="nested too deeply"):
+        load_records(path)
+
+
+def test_fuzz_deeply_nested_report_is_an_input_error(tmp_path):
+    from bdscan.io.reports import detect_candidates
+
+    path = tmp_path / "r.json"
+    path.write_text("[" * 5000)
+    with pytest.raises(InputError, match="not a readable JSON"):
+        detect_candidates(path)
+    path.write_text(json.dumps({"candidates": [{"text": "a", "score": "high"}]}))
+    with pytest.raises(InputError, match="not a number"):
+        detect_candidates(path)
 
 
 def test_input_error_is_what_library_callers_catch(tmp_path):

@@ -48,6 +48,8 @@ def _load_candidates(path: Path) -> tuple[str, ...]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON ({e.msg}); expected a list of strings") from None
+        except RecursionError:
+            raise InputError(f"{path}: JSON nested too deeply; expected a list of strings") from None
         if isinstance(data, dict):  # an earlier detect report: its candidates, best first
             from bdscan.io.reports import detect_candidates
 

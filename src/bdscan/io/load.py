@@ -17,6 +17,7 @@ import torch
 
 from bdscan.data.template import PromptTemplate, template_for
 from bdscan.errors import InputError
+from bdscan.io.bounds import check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.tokenizer import describe, has_tokenizer, load_tokenizer, tokenizer_differences
 
@@ -66,7 +67,7 @@ def _keys(names: Any) -> str:
     return ", ".join(names[:SHOWN_KEYS]) + (f" and {len(names) - SHOWN_KEYS} more" if len(names) > SHOWN_KEYS else "")
 
 
-def _check_causal(path: Path, trust_remote_code: bool) -> None:
+def _check_causal(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -92,13 +93,12 @@ def _check_causal(path: Path, trust_remote_code: bool) -> None:
         raise InputError(
             f"{path}: model type {config.model_type!r} is not a causal language model; bdscan scans decoder-only LMs"
         )
+    return config
 
 
 def _refuse_integer_tensors(resolved: ResolvedSource) -> None:
     """bdscan computes in floating point: integer tensors would be cast, not dequantised."""
-    from bdscan.io.safetensors_header import INTEGER_DTYPES
-
-    ints = {name: dtype for name, dtype in resolved.tensor_dtypes.items() if dtype in INTEGER_DTYPES}
+    ints = {name: t.dtype for name, t in resolved.tensors.items() if t.is_integer}
     if ints:
         name = min(ints)
         raise InputError(f"{resolved.path}: {len(ints)} integer tensors (e.g. {name!r} is {ints[name]}) in a "
@@ -120,8 +120,9 @@ def _check_loading_info(resolved: ResolvedSource, info: dict) -> None:
 def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    _check_causal(resolved.path, trust_remote_code)
+    config = _check_causal(resolved.path, trust_remote_code)
     _refuse_integer_tensors(resolved)
+    check_config_fits(config, resolved.tensors, str(resolved.path), trust_remote_code=trust_remote_code)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bdscan.errors import InputError
 from bdscan.io.provenance import FileRecord, file_records, sha256_file  # noqa: F401  (sha256_file re-exported)
-from bdscan.io.safetensors_header import read_header
+from bdscan.io.safetensors_header import TensorEntry, read_header
 from bdscan.io.weights import PICKLE_SUFFIXES, WeightPlan, inside, is_pickle, plan_adapter, plan_checkpoint
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -38,7 +38,7 @@ class ResolvedSource:
     uses_pickle: bool = False
     sha256: dict[str, str] = field(default_factory=dict)  # of the weight files, by relative name
     files: tuple[FileRecord, ...] = ()  # every file the load reads
-    tensor_dtypes: dict[str, str] = field(default_factory=dict)  # safetensors dtype of each stored tensor
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)  # dtype and shape of each stored tensor
     remote_code: bool = False
 
     def provenance(self) -> dict:
@@ -124,17 +124,17 @@ def _locate(text: str, allow_pickle: bool, revision: str | None) -> tuple[Path, 
     raise InputError(f"{text}: no such directory (and not a Hub id of the form org/name[@revision])")
 
 
-def _check_safetensors(path: Path, shown: str) -> dict[str, str]:
+def _check_safetensors(path: Path, shown: str) -> dict[str, TensorEntry]:
     """Our strict header check, then the safetensors library's own parser."""
     from safetensors import safe_open
 
-    dtypes = {name: entry.dtype for name, entry in read_header(path, shown).items()}
+    entries = read_header(path, shown)
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise InputError(f"{shown}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
-    return dtypes
+    return entries
 
 
 def _plan(path: Path, kind: str, root: Path, allow_pickle: bool) -> WeightPlan:
@@ -162,10 +162,10 @@ def resolve_source(source: str | Path, *, allow_pickle: bool = False, revision: 
             read_json_object(inside(path, name, root))
     remote_code = _check_remote_code(path, root, trust_remote_code)
     plan = _plan(path, kind, root, allow_pickle)
-    dtypes: dict[str, str] = {}
+    tensors: dict[str, TensorEntry] = {}
     for name in plan.files:
         if not is_pickle(name):
-            dtypes.update(_check_safetensors(path / name, str(path / name)))
+            tensors.update(_check_safetensors(path / name, str(path / name)))
     files = file_records(path, plan.files, root, code=remote_code)
     return ResolvedSource(
         source=text,
@@ -177,6 +177,6 @@ def resolve_source(source: str | Path, *, allow_pickle: bool = False, revision: 
         uses_pickle=plan.uses_pickle,
         sha256={r.path: r.sha256 for r in files if r.role == "weights"},
         files=files,
-        tensor_dtypes=dtypes,
+        tensors=tensors,
         remote_code=remote_code,
     )
