@@ -527,3 +527,32 @@ def test_input_error_is_what_library_callers_catch(tmp_path):
 def _no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def test_detect_json_and_sarif_carry_the_provenance_of_every_file(lora_backdoor, tmp_path):
+    from bdscan.io.provenance import sha256_file
+
+    fast = ["--max-probes", "4", "--top-k", "2", "--screen-size", "16"]
+    sarif_out, json_out = tmp_path / "r.sarif", tmp_path / "r.json"
+    runner.invoke(app, ["detect", str(lora_backdoor), "--format", "sarif", "-o", str(sarif_out), *fast])
+    runner.invoke(app, ["detect", str(lora_backdoor), "--format", "json", "-o", str(json_out), *fast])
+    report = json.loads(json_out.read_text())
+    subject_files = {f["path"]: f["sha256"] for f in report["provenance"]["subject"]["files"]}
+    assert subject_files["adapter_model.safetensors"] == sha256_file(Path(lora_backdoor) / "adapter_model.safetensors")
+    base_files = {f["path"] for f in report["provenance"]["base"]["files"]}
+    assert "model.safetensors" in base_files
+    run = json.loads(sarif_out.read_text())["runs"][0]
+    hashed = {(a["properties"]["of"], a["location"]["uri"].rsplit("/", 1)[-1]): a["hashes"]["sha-256"]
+              for a in run["artifacts"] if "hashes" in a}
+    assert hashed[("subject", "adapter_model.safetensors")] == subject_files["adapter_model.safetensors"]
+    assert ("base", "model.safetensors") in hashed
+    assert run["properties"]["provenance"] == report["provenance"]
+
+
+def test_eval_report_carries_provenance(full_backdoor, clean_file, trigger, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(full_backdoor), "--clean", str(clean_file), "--trigger", trigger,
+                                 "--limit", "2", "--max-new-tokens", "2", "--positions", "start", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(out.read_text())["provenance"]["subject"]["files"]
+    assert {f["role"] for f in files} == {"weights", "config", "tokenizer"}
