@@ -236,6 +236,12 @@ def int8_full(tmp, fx):
     return f
 
 
+def quantised_config(tmp, fx):
+    f = _full(tmp, fx)
+    edit_json(f / "config.json", quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    return f
+
+
 def int8_adapter(tmp, fx):
     a = _adapter(tmp, fx)
     state = load_file(a / "adapter_model.safetensors")
@@ -358,6 +364,7 @@ CASES = {
     "renamed_tensor": Case(renamed_tensor, 2, "1 weights missing from the checkpoint .model.norm.weight"),
     "unexpected_tensor": Case(unexpected_tensor, 2, "weights unexpected"),
     "int8_weights_in_float_model": Case(int8_full, 2, "integer tensors"),
+    "quantization_config": Case(quantised_config, 2, "quantised checkpoint"),
     "int8_adapter_tensors": Case(int8_adapter, 2, "integer tensors"),
     "adapter_without_target_modules": Case(adapter_without_target_modules, 2, "match no module"),
     "adapter_missing_tensors": Case(adapter_missing_tensors, 2, "have no tensors in the file"),

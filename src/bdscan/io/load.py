@@ -96,8 +96,12 @@ def _check_causal(path: Path, trust_remote_code: bool) -> Any:
     return config
 
 
-def _refuse_integer_tensors(resolved: ResolvedSource) -> None:
-    """bdscan computes in floating point: integer tensors would be cast, not dequantised."""
+def _refuse_integer_tensors(resolved: ResolvedSource, config: Any = None) -> None:
+    """bdscan computes in floating point: integer tensors would be cast, not dequantised,
+    and a quantisation config would hand the load to a quantiser bdscan does not check."""
+    if config is not None and getattr(config, "quantization_config", None):
+        raise InputError(f"{resolved.path}/config.json: a quantised checkpoint (quantization_config); "
+                         "bdscan scans floating-point weights only")
     ints = {name: t.dtype for name, t in resolved.tensors.items() if t.is_integer}
     if ints:
         name = min(ints)
@@ -121,7 +125,7 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
     from transformers import AutoModelForCausalLM
 
     config = _check_causal(resolved.path, trust_remote_code)
-    _refuse_integer_tensors(resolved)
+    _refuse_integer_tensors(resolved, config)
     check_config_fits(config, resolved.tensors, str(resolved.path), trust_remote_code=trust_remote_code)
     try:
         with warnings.catch_warnings():

@@ -53,7 +53,7 @@ def is_pickle(name: str) -> bool:
 def inside(folder: Path, name: str, root: Path) -> Path:
     """``folder / name`` if it stays inside ``root`` once links are followed; else InputError."""
     if not name or "\x00" in name or Path(name).is_absolute():
-        raise InputError(f"{folder}: weight file name {name!r} is not a plain relative name")
+        raise InputError(f"{folder}: file name {name!r} is not a plain relative name")
     path = folder / name
     try:
         real = path.resolve()
