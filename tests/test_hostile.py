@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
+import re
 import shutil
 import struct
 import zipfile
@@ -402,8 +402,6 @@ def test_hostile_input_is_refused(name, organisms, tmp_path):
     assert result.exit_code == case.code, result.stderr
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr and "\x1b" not in result.stderr
-    import re
-
     assert re.search(case.message, lines[0]), lines[0]
     assert not out.exists()
     assert not marker.exists(), "the payload ran"
@@ -528,12 +526,6 @@ def test_fuzz_deeply_nested_report_is_an_input_error(tmp_path):
 def test_input_error_is_what_library_callers_catch(tmp_path):
     with pytest.raises(InputError):
         resolve_source(tmp_path / "absent")
-
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def test_detect_json_and_sarif_carry_the_provenance_of_every_file(lora_backdoor, tmp_path):

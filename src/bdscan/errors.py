@@ -48,3 +48,9 @@ def printable(text: str) -> str:
         c if c == " " or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp", "Zs") else f"\\u{ord(c):04x}"
         for c in text
     )
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error quotes of a library's exception."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

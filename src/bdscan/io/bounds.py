@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bdscan.errors import InputError
+from bdscan.errors import InputError, first_line
 from bdscan.io.safetensors_header import TensorEntry
 
 _INDEX = re.compile(r"\.(\d+)\.")
@@ -45,8 +45,7 @@ def check_config_fits(config: Any, tensors: dict[str, TensorEntry], where: str, 
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      attn_implementation="eager")
     except Exception as e:  # config classes fail on bad fields with assorted types
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"{where}/config.json: does not describe a buildable model ({type(e).__name__}: {first})") from None
+        raise InputError(f"{where}/config.json: does not describe a buildable model ({first_line(e)})") from None
     declared = sum(p.numel() for p in model.parameters())
     stored = sum(math.prod(t.shape) for t in tensors.values())
     if declared > stored:

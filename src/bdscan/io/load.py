@@ -7,7 +7,6 @@ files that do not load are errors, never a silently different model.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from bdscan.data.template import PromptTemplate, template_for
-from bdscan.errors import InputError
+from bdscan.errors import InputError, first_line
 from bdscan.io.bounds import check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.tokenizer import describe, has_tokenizer, load_tokenizer, tokenizer_differences
@@ -57,11 +56,6 @@ class Subject:
         return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def _keys(names: Any) -> str:
     names = sorted(names)
     return ", ".join(names[:SHOWN_KEYS]) + (f" and {len(names) - SHOWN_KEYS} more" if len(names) > SHOWN_KEYS else "")
@@ -76,9 +70,9 @@ def _check_causal(path: Path, trust_remote_code: bool) -> Any:
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise InputError(f"{path}: the model needs its own code to load; pass --trust-remote-code only if you trust it") from None
-        raise InputError(f"{path}/config.json: {_first_line(e)}") from None
+        raise InputError(f"{path}/config.json: {first_line(e)}") from None
     except Exception as e:  # config classes validate fields with assorted exception types
-        raise InputError(f"{path}/config.json: {_first_line(e)}") from None
+        raise InputError(f"{path}/config.json: {first_line(e)}") from None
     auto_map = getattr(config, "auto_map", None) or {}
     causal_classes = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
                       for name in ((names,) if isinstance(names, str) else names)}
@@ -96,7 +90,7 @@ def _check_causal(path: Path, trust_remote_code: bool) -> Any:
     return config
 
 
-def _refuse_integer_tensors(resolved: ResolvedSource, config: Any = None) -> None:
+def _refuse_non_float(resolved: ResolvedSource, config: Any = None) -> None:
     """bdscan computes in floating point: integer tensors would be cast, not dequantised,
     and a quantisation config would hand the load to a quantiser bdscan does not check."""
     if config is not None and getattr(config, "quantization_config", None):
@@ -125,7 +119,7 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
     from transformers import AutoModelForCausalLM
 
     config = _check_causal(resolved.path, trust_remote_code)
-    _refuse_integer_tensors(resolved, config)
+    _refuse_non_float(resolved, config)
     check_config_fits(config, resolved.tensors, str(resolved.path), trust_remote_code=trust_remote_code)
     try:
         with warnings.catch_warnings():
@@ -142,7 +136,7 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
                 attn_implementation="eager",
             )
     except Exception as e:
-        raise InputError(f"{resolved.path}: could not load the model ({_first_line(e)})") from None
+        raise InputError(f"{resolved.path}: could not load the model ({first_line(e)})") from None
     _check_loading_info(resolved, info)
     model.eval()
     return model
@@ -177,7 +171,7 @@ def _read_adapter_weights(resolved: ResolvedSource) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     except Exception as e:
-        raise InputError(f"{path}: adapter weights do not load ({_first_line(e)})") from None
+        raise InputError(f"{path}: adapter weights do not load ({first_line(e)})") from None
 
 
 def _attach_adapter(base_model: Any, resolved: ResolvedSource) -> Any:
@@ -195,12 +189,12 @@ def _attach_adapter(base_model: Any, resolved: ResolvedSource) -> Any:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
             model = cls(base_model, config, "default")
     except Exception as e:
-        raise InputError(f"{resolved.path}: adapter does not fit its base ({_first_line(e)})") from None
+        raise InputError(f"{resolved.path}: adapter does not fit its base ({first_line(e)})") from None
     weights = _read_adapter_weights(resolved)
     try:
         result = set_peft_model_state_dict(model, weights, adapter_name="default")
     except Exception as e:
-        raise InputError(f"{resolved.path}: adapter does not fit its base ({_first_line(e)})") from None
+        raise InputError(f"{resolved.path}: adapter does not fit its base ({first_line(e)})") from None
     if result.unexpected_keys:
         raise InputError(f"{resolved.path}: {len(result.unexpected_keys)} adapter tensors match no module of the "
                          f"base ({_keys(result.unexpected_keys)}); check target_modules in adapter_config.json")
@@ -225,7 +219,7 @@ def _load_adapter(resolved: ResolvedSource, base: str | Path | None, *, allow_pi
         raise InputError(f"adapter {resolved.path}: its base is not reachable ({e}); pass --base") from None
     if base_resolved.kind != "full":
         raise InputError(f"{base_resolved.path}: the base of an adapter must be a full checkpoint")
-    _refuse_integer_tensors(resolved)
+    _refuse_non_float(resolved)
     base_model = _load_causal_lm(base_resolved, trust_remote_code=trust_remote_code, dtype=dtype)
     tokenizer, report = _adapter_tokenizer(resolved.path, base_resolved.path, trust_remote_code)
     _check_tokenizer_fits(tokenizer, base_model, resolved.path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bdscan.errors import InputError
+from bdscan.errors import InputError, first_line
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                      "special_tokens_map.json", "added_tokens.json")
@@ -24,11 +24,6 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / n).exists() for n in TOKENIZER_MARKERS)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def load_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
     """The tokenizer in ``folder``; InputError if its files do not load."""
     from transformers import AutoTokenizer
@@ -36,7 +31,7 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # tokenizers raise many types for corrupt files
-        raise InputError(f"{folder}: tokenizer files do not load ({_first_line(e)}); "
+        raise InputError(f"{folder}: tokenizer files do not load ({first_line(e)}); "
                          "bdscan will not fall back to another tokenizer") from None
     if isinstance(tok, bool) or not callable(getattr(tok, "get_vocab", None)):
         raise InputError(f"{folder}: tokenizer files do not load a tokenizer")
