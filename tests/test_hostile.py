@@ -174,6 +174,12 @@ def zip_named_safetensors(tmp, fx):
     return f
 
 
+def sevenzip_named_safetensors(tmp, fx):
+    f = _full(tmp, fx)
+    (f / "model.safetensors").write_bytes(b"7z\xbc\xaf\x27\x1c\x00\x04" + malicious_pickle(fx["marker"]))
+    return f
+
+
 def base_with_pickle(tmp, fx):
     base = pickle_only(tmp, fx)
     a = _adapter(tmp, fx)
@@ -357,6 +363,7 @@ CASES = {
     "adapter_pickle_allowed_still_weights_only": Case(decoy_beside_adapter_bin, 2, "adapter weights do not load",
                                                       ("--allow-pickle",)),
     "nested_zip_named_safetensors": Case(zip_named_safetensors, 2, "corrupt or unreadable safetensors"),
+    "7z_archive_named_safetensors": Case(sevenzip_named_safetensors, 2, "corrupt or unreadable safetensors"),
     "base_of_adapter_is_pickle": Case(base_with_pickle, 2, "base is not reachable .*pickle files"),
     **{name: Case(lambda tmp, fx, h=h: _header(tmp, fx, **h), 2, "corrupt or unreadable safetensors")
        for name, h in HEADERS.items()},
