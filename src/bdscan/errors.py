@@ -7,6 +7,12 @@ analyse, 4 usage error).
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
+# CSI and OSC escape sequences, as torch and other libraries put into their messages.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?")
+
 
 class BdscanError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
@@ -28,3 +34,23 @@ class NothingToAnalyse(BdscanError):
     """The input was readable but held nothing the requested analysis can scan."""
 
     exit_code = 3
+
+
+def printable(text: str) -> str:
+    """``text`` as one line of plain characters, safe to print on a terminal.
+
+    Messages quote file contents and arguments, which an attacker controls: escape
+    sequences are dropped, and line breaks and other control or invisible formatting
+    characters (bidi overrides included) are shown as ``\\uXXXX`` rather than acted on.
+    """
+    text = _ANSI.sub("", text)
+    return "".join(
+        c if c == " " or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp", "Zs") else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error quotes of a library's exception."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -30,6 +30,29 @@ Output = Annotated[Optional[Path], typer.Option("-o", "--output", help="Also wri
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use at most N prompts from each data file.")]
 
 
+def print_error(label: str, message: str) -> None:
+    """One line on stderr: a styled label, then the message as plain text.
+
+    The message quotes file contents and arguments, so it is never parsed as rich markup
+    (a base model named "[/x]" would crash the printer) and its control characters are
+    escaped; colour only reaches a terminal.
+    """
+    from rich.text import Text
+
+    from bdscan.errors import printable
+
+    stderr.print(Text.assemble((f"{label}:", "bold red"), " ", printable(message)), highlight=False, soft_wrap=True)
+
+
+def log_line(message: str) -> None:
+    """A dim progress message on stderr, printed as plain text (it may quote model tokens)."""
+    from rich.text import Text
+
+    from bdscan.errors import printable
+
+    stderr.print(Text(printable(message), style="dim"), highlight=False, soft_wrap=True)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and the error's exit code.
 
@@ -45,7 +68,7 @@ def handle_errors(fn: Callable) -> Callable:
         except typer.Exit:
             raise
         except BdscanError as e:
-            stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error("error", str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
@@ -54,8 +77,7 @@ def handle_errors(fn: Callable) -> Callable:
             if os.environ.get("BDSCAN_DEBUG"):
                 traceback.print_exc()
             first = (str(e).strip().splitlines() or [""])[0]
-            stderr.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (BDSCAN_DEBUG=1 shows the traceback)",
-                         highlight=False, soft_wrap=True)
+            print_error("internal error", f"{type(e).__name__}: {first} (BDSCAN_DEBUG=1 shows the traceback)")
             raise typer.Exit(2) from None
 
     return wrapper

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, progress_bar, quiet_libraries, stderr
+from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, log_line, progress_bar, quiet_libraries
 from bdscan.cli.devices import Device, Dtype, placement_of
 
 HELP = """Run the built-in example end to end: `bdscan audit` on a backdoored and a clean adapter.
@@ -39,7 +39,7 @@ def command(
 
     with progress_bar(not as_json) as progress:
         result = run_demo(workdir, method=method, seed=seed, progress=progress, placement=placement,
-                          log=(lambda m: None) if as_json else (lambda m: stderr.print(f"[dim]{m}[/]")))
+                          log=(lambda m: None) if as_json else log_line)
 
     def render(console) -> None:
         table = Table(title="bdscan demo: audit of a backdoored and a clean adapter")

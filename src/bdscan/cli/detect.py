@@ -49,6 +49,8 @@ def _load_candidates(path: Path) -> tuple[str, ...]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON ({e.msg}); expected a list of strings") from None
+        except RecursionError:
+            raise InputError(f"{path}: JSON nested too deeply; expected a list of strings") from None
         if isinstance(data, dict):  # an earlier detect report: its candidates, best first
             from bdscan.io.reports import detect_candidates
 
@@ -107,7 +109,7 @@ def command(
     placement = placement_of(device, dtype)
     check_report_file("-o", output, given_inputs(source, base, files=(probes, candidates)))
     quiet_libraries()
-    from bdscan.cli.common import stderr, stdout
+    from bdscan.cli.common import log_line, stdout
     from bdscan.data.records import load_records
     from bdscan.detect import DetectConfig, detect
     from bdscan.io import load_subject
@@ -126,7 +128,7 @@ def command(
                            placement=placement)
     check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(probes, candidates)))
     with progress_bar(fmt == "console") as progress:
-        result = detect(subject, config, log=lambda m: stderr.print(f"[dim]{m}[/]") if fmt == "console" else None,
+        result = detect(subject, config, log=log_line if fmt == "console" else (lambda m: None),
                         progress=progress)
     if fmt == "sarif":
         report = to_sarif(result)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
-                               handle_errors, progress_bar, quiet_libraries, stderr)
+                               handle_errors, log_line, progress_bar, quiet_libraries)
 from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Rank the modules through which a backdoor's behaviour flows.
@@ -73,7 +73,7 @@ def command(
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                            placement=placement)
     check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(clean, from_detect)))
-    log = (lambda m: stderr.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
+    log = log_line if not as_json else (lambda _m: None)
     with progress_bar(not as_json) as progress:
         result = localize(subject, config, clean=records, trigger=trigger, candidates=candidates, seed=seed,
                           log=log, progress=progress)

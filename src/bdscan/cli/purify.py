@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, TrustRemoteCode, emit, handle_errors,
-                               progress_bar, quiet_libraries, stderr)
+                               log_line, progress_bar, quiet_libraries, stderr)
 from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
@@ -136,7 +136,7 @@ def command(
     target, work = _check_paths(output, work_dir, inputs_paths, overwrite=overwrite)
     with progress_bar(not as_json) as progress:
         inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, candidates=candidates,
-                              work_dir=work, log=lambda m: stderr.print(f"[dim]{m}[/]") if not as_json else None,
+                              work_dir=work, log=log_line if not as_json else (lambda m: None),
                               progress=progress)
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
     result = dataclasses.replace(result, output=str(target))

@@ -75,12 +75,16 @@ def parse_records(text: str, name: str, suffix: str) -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{name}:{lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:  # json's parser recurses once per nesting level
+                raise InputError(f"{name}:{lineno}: JSON nested too deeply") from None
             records.append(_record_from(obj, f"{name}:{lineno}"))
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{name}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{name}: JSON nested too deeply") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):

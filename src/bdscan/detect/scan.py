@@ -214,4 +214,5 @@ def detect(subject: Any, config: DetectConfig, log: Log = lambda _: None,
                   "screen_probes": len(screen_probes), "screen_size": config.screen_size, "top_k": config.top_k,
                   "n_controls": len(controls), "positions": positions, "user_candidates": len(user)},
         stats=stats, timings={k: round(v, 3) for k, v in timings.items()}, errors=errors, skipped=skipped,
+        provenance=subject.provenance(),
     )

@@ -122,6 +122,7 @@ def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject
         asr=hits / total if total else None, asr_by_position=by_position, false_trigger_rate=ftr,
         perplexity=ppl, agreement=agree, n_poison=total, n_clean=len(clean), reference=ref_name,
         seconds=round(time.time() - t0, 3), samples=samples, skipped=skipped,
+        provenance={**subject.provenance(), **({"reference": reference.provenance()} if reference is not None else {})},
     )
     return result, clean_responses
 

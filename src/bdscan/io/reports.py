@@ -11,7 +11,7 @@ from bdscan.errors import InputError
 def read_json_report(path: str | Path, option: str) -> dict:
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InputError(f"{option} {path}: not a readable JSON file ({type(e).__name__})") from None
     if not isinstance(report, dict):
         raise InputError(f"{option} {path}: expected a JSON object (a bdscan report)")
@@ -25,5 +25,7 @@ def detect_candidates(path: str | Path, option: str = "--from-detect") -> list[s
         raise InputError(f"{option} {path}: not a bdscan detect JSON report (needs candidates: [{{text, score}}])")
     if not candidates:
         raise InputError(f"{option} {path}: the report lists no candidate keys (detect found none to scan)")
+    if not all(isinstance(c.get("score", 0.0), (int, float, type(None))) for c in candidates):
+        raise InputError(f"{option} {path}: a candidate's score is not a number")
     ranked = sorted(enumerate(candidates), key=lambda ic: (-float(ic[1].get("score") or 0.0), ic[0]))
     return [c["text"] for _, c in ranked if c["text"].strip()]

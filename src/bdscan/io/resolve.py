@@ -1,23 +1,28 @@
-"""Source resolution: a local folder or a Hub id ``org/name[@revision]`` -> a local folder.
+"""Source resolution: a local folder or a Hub id ``org/name[@revision]`` -> a checked local folder.
 
-Hub ids go through huggingface_hub, so its cache and ``HF_HUB_OFFLINE`` apply. Pickle
-weight files are never downloaded or opened unless the user opts in: the decision is made
-from file names alone, before anything is unpickled.
+Hub ids go through huggingface_hub, so its cache and ``HF_HUB_OFFLINE`` apply. Nothing is
+unpickled or executed here: the weight files that will be loaded are worked out from the
+folder's names and indexes (``bdscan.io.weights``), pickle among them is refused unless the
+user opts in, safetensors headers are validated, remote code is refused unless trusted, and
+every file that will be read is hashed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bdscan.errors import InputError
+from bdscan.io.provenance import FileRecord, file_records, sha256_file  # noqa: F401  (sha256_file re-exported)
+from bdscan.io.safetensors_header import TensorEntry, read_header
+from bdscan.io.weights import PICKLE_SUFFIXES, WeightPlan, inside, is_pickle, plan_adapter, plan_checkpoint
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+MAX_CONFIG_BYTES = 16 << 20
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -29,9 +34,12 @@ class ResolvedSource:
     kind: str  # "full" or "adapter"
     hub_id: str | None = None
     revision: str | None = None
-    weight_files: tuple[Path, ...] = ()
+    weight_files: tuple[Path, ...] = ()  # exactly the files the loader will open
     uses_pickle: bool = False
-    sha256: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # of the weight files, by relative name
+    files: tuple[FileRecord, ...] = ()  # every file the load reads
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)  # dtype and shape of each stored tensor
+    remote_code: bool = False
 
     def provenance(self) -> dict:
         return {
@@ -41,15 +49,8 @@ class ResolvedSource:
             "revision": self.revision,
             "path": str(self.path),
             "weights_sha256": dict(self.sha256),
+            "files": [{"path": r.path, "role": r.role, "bytes": r.bytes, "sha256": r.sha256} for r in self.files],
         }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
@@ -73,31 +74,83 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[P
     return resolved, resolved.name if re.fullmatch(r"[0-9a-f]{40}", resolved.name) else revision
 
 
-def _check_safetensors(path: Path) -> None:
+def containment_root(path: Path) -> Path:
+    """The folder no file may leave through a link: the source itself, or for a Hub cache
+    snapshot (whose files link to ``../../blobs``) its repository folder."""
+    real = path.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        return real.parent.parent
+    return real
+
+
+def read_json_object(path: Path, shown: str | None = None) -> dict:
+    """A small JSON file that must hold an object (config, adapter or tokenizer config)."""
+    shown = shown or str(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(f"{shown}: over {MAX_CONFIG_BYTES >> 20} MiB, not a config file")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise InputError(f"{shown}: not valid JSON") from None
+    except OSError as e:
+        raise InputError(f"{shown}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{shown}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_remote_code(path: Path, root: Path, trust_remote_code: bool) -> bool:
+    """True when a config asks for code shipped with the source; refused unless trusted."""
+    wants = []
+    for name in REMOTE_CODE_FILES:
+        if (path / name).is_file() and read_json_object(inside(path, name, root)).get("auto_map"):
+            wants.append(name)
+    if wants and not trust_remote_code:
+        raise InputError(f"{path}: {' and '.join(wants)} set 'auto_map', which runs Python code shipped with the "
+                         "model; pass --trust-remote-code only if you trust it")
+    return bool(wants)
+
+
+def _locate(text: str, allow_pickle: bool, revision: str | None) -> tuple[Path, str | None, str | None]:
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path}: expected a checkpoint or adapter directory, got a file")
+        return path, None, revision
+    if HUB_ID.match(text) and not text.startswith((".", "/")):
+        hub_id, _, rev = text.partition("@")
+        path, revision = _download(hub_id, rev or revision, allow_pickle)
+        return path, hub_id, revision
+    raise InputError(f"{text}: no such directory (and not a Hub id of the form org/name[@revision])")
+
+
+def _check_safetensors(path: Path, shown: str) -> dict[str, TensorEntry]:
+    """Our strict header check, then the safetensors library's own parser."""
     from safetensors import safe_open
 
+    entries = read_header(path, shown)
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise InputError(f"{path}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{shown}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    return entries
 
 
-def resolve_source(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None) -> ResolvedSource:
-    """Find ``source`` on disk (downloading through the Hub cache if it is a Hub id) and
-    classify it as a full checkpoint or a PEFT adapter. Raises ``InputError``."""
+def _plan(path: Path, kind: str, root: Path, allow_pickle: bool) -> WeightPlan:
+    if kind == "adapter":
+        return plan_adapter(path, allow_pickle=allow_pickle, root=root)
+    return plan_checkpoint(path, read_json_object(path / "config.json"), allow_pickle=allow_pickle, root=root)
+
+
+def resolve_source(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+                   trust_remote_code: bool = False) -> ResolvedSource:
+    """Find ``source`` on disk (downloading through the Hub cache if it is a Hub id), classify
+    it as a full checkpoint or a PEFT adapter and check every file that will be read.
+    Raises ``InputError``."""
     text = str(source)
-    path = Path(text).expanduser()
-    hub_id = None
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"{path}: expected a checkpoint or adapter directory, got a file")
-    elif HUB_ID.match(text) and not text.startswith((".", "/")):
-        hub_id, _, rev = text.partition("@")
-        path, revision = _download(hub_id, rev or revision, allow_pickle)
-    else:
-        raise InputError(f"{text}: no such directory (and not a Hub id of the form org/name[@revision])")
-
+    path, hub_id, revision = _locate(text, allow_pickle, revision)
+    root = containment_root(path)
     if (path / "adapter_config.json").is_file():
         kind = "adapter"
     elif (path / "config.json").is_file():
@@ -106,34 +159,24 @@ def resolve_source(source: str | Path, *, allow_pickle: bool = False, revision: 
         raise InputError(f"{path}: neither a checkpoint (config.json) nor a PEFT adapter (adapter_config.json)")
     for name in ("config.json", "adapter_config.json"):
         if (path / name).is_file():
-            try:
-                json.loads((path / name).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InputError(f"{path / name}: not valid JSON") from None
-
-    safetensors = sorted(path.glob("*.safetensors"))
-    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if safetensors:
-        weights, uses_pickle = safetensors, False
-    elif pickles:
-        if not allow_pickle:
-            raise InputError(
-                f"{path}: weights are only in pickle files ({', '.join(p.name for p in pickles)}), which can run "
-                "arbitrary code when loaded; convert them to safetensors or pass --allow-pickle if you trust the source"
-            )
-        weights, uses_pickle = pickles, True
-    else:
-        raise InputError(f"{path}: no weight files (*.safetensors) found")
-    for w in weights:
-        if w.suffix == ".safetensors":
-            _check_safetensors(w)
+            read_json_object(inside(path, name, root))
+    remote_code = _check_remote_code(path, root, trust_remote_code)
+    plan = _plan(path, kind, root, allow_pickle)
+    tensors: dict[str, TensorEntry] = {}
+    for name in plan.files:
+        if not is_pickle(name):
+            tensors.update(_check_safetensors(path / name, str(path / name)))
+    files = file_records(path, plan.files, root, code=remote_code)
     return ResolvedSource(
         source=text,
         path=path,
         kind=kind,
         hub_id=hub_id,
         revision=revision,
-        weight_files=tuple(weights),
-        uses_pickle=uses_pickle,
-        sha256={w.name: sha256_file(w) for w in weights},
+        weight_files=tuple(path / n for n in plan.files),
+        uses_pickle=plan.uses_pickle,
+        sha256={r.path: r.sha256 for r in files if r.role == "weights"},
+        files=files,
+        tensors=tensors,
+        remote_code=remote_code,
     )

@@ -26,6 +26,17 @@ def _location(result: DetectResult) -> list[dict]:
     return [{"physicalLocation": {"artifactLocation": {"uri": result.source}}}]
 
 
+def _artifacts(result: DetectResult) -> list[dict]:
+    """The scanned source, then every file the load read, with its sha256 (provenance)."""
+    out = [{"location": {"uri": result.source}}]
+    for which in ("subject", "base"):
+        prov = result.provenance.get(which) or {}
+        for f in prov.get("files", []):
+            out.append({"location": {"uri": f"{prov['source']}/{f['path']}"}, "length": f["bytes"],
+                        "hashes": {"sha-256": f["sha256"]}, "properties": {"role": f["role"], "of": which}})
+    return out
+
+
 def to_sarif(result: DetectResult, top: int = 5) -> dict:
     s = result.summary
     results = []
@@ -48,6 +59,10 @@ def to_sarif(result: DetectResult, top: int = 5) -> dict:
         })
     notifications = [{"level": "warning", "message": {"text": f"skipped {i.what}: {i.reason}"}} for i in result.skipped]
     notifications += [{"level": "error", "message": {"text": f"{i.what}: {i.reason}"}} for i in result.errors]
+    tokenizer = result.provenance.get("tokenizer") or {}
+    if tokenizer.get("differs_from_base"):
+        notifications.append({"level": "warning", "message": {
+            "text": f"the adapter's tokenizer differs from its base's: {'; '.join(tokenizer['differences'])}"}})
     return {
         "$schema": SARIF_SCHEMA,
         "version": "2.1.0",
@@ -55,9 +70,10 @@ def to_sarif(result: DetectResult, top: int = 5) -> dict:
             "tool": {"driver": {"name": "bdscan", "version": result.version, "informationUri": "https://github.com/bdscan/bdscan",
                                 "rules": RULES}},
             "invocations": [{"executionSuccessful": not result.errors, "toolExecutionNotifications": notifications}],
-            "artifacts": [{"location": {"uri": result.source}}],
+            "artifacts": _artifacts(result),
             "results": results,
             "properties": {"verdict": s.verdict, "kind": result.kind, "template": result.template,
+                           "provenance": result.provenance,
                            "timings": result.timings},
         }],
     }

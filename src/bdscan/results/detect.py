@@ -96,3 +96,4 @@ class DetectResult(ResultBase):
     timings: dict[str, float]
     errors: list[Issue] = field(default_factory=list)
     skipped: list[Issue] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # every file loaded, hashed (bdscan.io.provenance)

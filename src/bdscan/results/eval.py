@@ -32,6 +32,7 @@ class EvalResult(ResultBase):
     seconds: float = 0.0
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # a few examples per set
     skipped: list[Issue] = field(default_factory=list)  # prompts not scored (too long for the limit or the context)
+    provenance: dict = field(default_factory=dict)  # every file loaded, hashed (bdscan.io.provenance)
 
 
 @dataclass(frozen=True)

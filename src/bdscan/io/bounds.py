@@ -1,0 +1,53 @@
+"""The model a config.json declares must fit in the weights stored beside it, checked before
+transformers builds or allocates anything.
+
+transformers builds every layer the config names and allocates every parameter the
+checkpoint lacks before it reports them missing: ``num_hidden_layers: 2147483648`` in a
+hostile config runs for ever, and a wide ``intermediate_size`` allocates gigabytes. So the
+layer count is compared with the layers the safetensors headers hold, and then the model is
+built on the meta device (no memory) and its parameter count compared with the stored one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Any
+
+import torch
+
+from bdscan.errors import InputError, first_line
+from bdscan.io.safetensors_header import TensorEntry
+
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def stored_layers(tensors: dict[str, TensorEntry]) -> int:
+    """Distinct layer indices in the tensor names (the first number in each name)."""
+    indices = {int(m.group(1)) for m in map(_INDEX.search, tensors) if m}
+    return len(indices)
+
+
+def check_config_fits(config: Any, tensors: dict[str, TensorEntry], where: str, *, trust_remote_code: bool) -> None:
+    """Refuse a config that declares more layers or parameters than ``tensors`` hold."""
+    if not tensors:  # pickle weights (--allow-pickle): no header to compare with
+        return
+    layers = getattr(config, "num_hidden_layers", None)
+    held = stored_layers(tensors)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or layers > held:
+        raise InputError(f"{where}/config.json: declares {layers!r} layers but the weights hold {held}")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="eager")
+    except Exception as e:  # config classes fail on bad fields with assorted types
+        raise InputError(f"{where}/config.json: does not describe a buildable model ({first_line(e)})") from None
+    declared = sum(p.numel() for p in model.parameters())
+    stored = sum(math.prod(t.shape) for t in tensors.values())
+    if declared > stored:
+        raise InputError(f"{where}/config.json: declares a model of {declared:,} parameters but the weights hold "
+                         f"{stored:,}; refusing to build it")
