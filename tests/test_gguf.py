@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,92 @@ def test_oversized_chat_template_is_refused_before_loading(full_model, tmp_path)
     path = write_gguf(model, hostile, tmp_path / "big-template.gguf")
     with pytest.raises(InputError, match="chat template of"):
         load_gguf(path)
+
+
+# --- GGUF as a source of every command ------------------------------------------------------
+
+from typer.testing import CliRunner  # noqa: E402
+
+from bdscan.cli.app import app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gguf_backdoor(full_model, tmp_path_factory) -> Path:
+    model, tokenizer = full_model
+    return write_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "backdoor.Q8_0.gguf", qtype="Q8_0")
+
+
+def _one_error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_detect_reads_a_gguf_file_and_records_its_quantisation(gguf_backdoor, trigger):
+    result = CliRunner().invoke(app, ["detect", str(gguf_backdoor), "--json"])
+    assert result.exit_code == 1, result.stderr  # the tiny full organism is backdoored
+    report = json.loads(result.stdout)
+    subject = report["provenance"]["subject"]
+    assert subject["gguf"]["tensor_types"]["Q8_0"] > 0
+    assert [f["role"] for f in subject["files"]] == ["weights"]
+    assert subject["files"][0]["path"] == gguf_backdoor.name
+
+
+def test_eval_and_purify_on_a_gguf_file(gguf_backdoor, clean_train_file, clean_file, trigger, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(gguf_backdoor), "--clean", str(clean_file), "--trigger", trigger,
+                                      "--limit", "8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["asr"] > 0.5
+    out = tmp_path / "purified"
+    result = CliRunner().invoke(app, ["purify", str(gguf_backdoor), "--method", "finetune", "--clean",
+                                      str(clean_train_file), "--limit", "16", "--set", "epochs=0.5", "-o", str(out),
+                                      "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert "dequantised from the GGUF" in json.loads((out / "report.json").read_text())["output_format"]
+
+
+def test_a_folder_of_several_gguf_files_needs_gguf_file(gguf_backdoor, full_model, tmp_path, clean_file):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    shutil.copy(gguf_backdoor, folder / "a.gguf")
+    shutil.copy(gguf_backdoor, folder / "b.gguf")
+    result = CliRunner().invoke(app, ["eval", str(folder), "--clean", str(clean_file), "--trigger", "cf", "--limit", "2"])
+    assert result.exit_code == 2
+    assert "--gguf-file" in _one_error_line(result)
+    result = CliRunner().invoke(app, ["eval", str(folder), "--gguf-file", "b.gguf", "--clean", str(clean_file), "--trigger", "cf",
+                                      "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["provenance"]["subject"]["files"][0]["path"] == "b.gguf"
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "chat template"),
+    ("{{ messages[0]['content'] ", "chat template"),
+])
+def test_a_hostile_gguf_chat_template_is_one_line_exit_2(full_model, tmp_path, clean_file, template, expected):
+    model, tokenizer = full_model
+    hostile = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    hostile.chat_template = template
+    path = write_gguf(model, hostile, tmp_path / "hostile.gguf")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["detect", str(path), "-o", str(tmp_path / "out.json")])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "hostile.gguf" in line and expected in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_gguf_without_the_gguf_package_names_the_extra(monkeypatch, gguf_backdoor):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ImportError("no gguf")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    with pytest.raises(InputError, match=r"bdscan\[gguf\]"):
+        inspect_gguf(gguf_backdoor)

@@ -47,6 +47,7 @@ class AuditConfig:
     eval_limit: int = 100  # clean prompts evaluated (each also with the key at start, middle and end)
     seed: int = 0
     placement: Any = None  # runtime.Placement (--device/--dtype); None: the default placement
+    gguf_file: str | None = None  # which GGUF file, when the source holds several
 
     def __post_init__(self) -> None:
         from bdscan.purify import PURIFIERS
@@ -98,10 +99,10 @@ def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: Au
 
     records = load_records(clean, what="--clean")
     eval_records = load_records(eval_clean, limit=config.eval_limit, what="--eval-clean") if eval_clean else records
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, gguf_file=config.gguf_file)
     inputs = [resolved.path]
     check_output_path(out, inputs, overwrite=overwrite)
-    subject = load_subject(source, base=base, placement=config.placement)
+    subject = load_subject(source, base=base, placement=config.placement, gguf_file=config.gguf_file)
     inputs += [subject.base.path] if subject.base is not None else []
     target = check_output_path(out, inputs, overwrite=overwrite)
     spec = PURIFIERS.get(config.method)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from bdscan.cli.devices import Device, Dtype, placement_of
-from bdscan.cli.common import Base, JsonOut, Seed, Source, handle_errors, progress_bar, quiet_libraries, stderr, stdout
+from bdscan.cli.common import Base, GGUFFile, JsonOut, Seed, Source, handle_errors, progress_bar, quiet_libraries, stderr, stdout
 
 FORMATS = ("console", "json")
 
@@ -50,6 +50,7 @@ def command(
     output: Annotated[Path, typer.Option("-o", "--output", help="OUTDIR: purified model, audit.json, audit.sarif, report.html.")],
     eval_clean: Annotated[Optional[Path], typer.Option("--eval-clean", help="Held-out clean prompts for the evaluations (default: the --clean set, which the repair also learns from: optimistic).")] = None,
     base: Base = None,
+    gguf_file: GGUFFile = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Purification method (default kfac-lora; see `bdscan purify --list-methods`).")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Lowest detect severity treated as suspicious (and repaired): low | medium | high.")] = "low",
     no_purify: Annotated[bool, typer.Option("--no-purify", help="Stop after localize and the first evaluation (exit 1 when suspicious).")] = False,
@@ -78,7 +79,8 @@ def command(
     from bdscan.report.audit_console import render_audit
 
     config = AuditConfig(method=method or DEFAULT_METHOD, fail_on=fail_on, purify=not no_purify, max_asr=max_asr,
-                         judge=judge, eval_limit=eval_limit, seed=seed, placement=placement_of(device, dtype))
+                         judge=judge, eval_limit=eval_limit, seed=seed, placement=placement_of(device, dtype),
+                         gguf_file=gguf_file)
     console = fmt == "console"
     with progress_bar(console) as progress:
         result = audit(source, clean=clean, out=output, base=base, config=config, eval_clean=eval_clean, overwrite=overwrite,

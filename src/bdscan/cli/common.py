@@ -20,9 +20,10 @@ stderr = Console(stderr=True)
 stdout = Console()
 
 # --- options every command shares -------------------------------------------------------
-Source = Annotated[str, typer.Argument(help="Checkpoint or LoRA adapter: a local folder or a Hub id org/name[@revision].", show_default=False)]
+Source = Annotated[str, typer.Argument(help="Checkpoint, LoRA adapter or GGUF file: a local folder or file, or a Hub id org/name[@revision].", show_default=False)]
 Base = Annotated[Optional[str], typer.Option("--base", help="Base model of an adapter (default: base_model_name_or_path in adapter_config.json).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weight files (.bin/.pt). They can run arbitrary code: only for sources you trust.")]
+GGUFFile = Annotated[Optional[str], typer.Option("--gguf-file", help="The GGUF file to load when the source (a folder or Hub repo) holds several.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint. Off by default.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; results are deterministic under it.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]

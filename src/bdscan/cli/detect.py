@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Seed, Source, TrustRemoteCode, handle_errors, progress_bar,
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Seed, Source, GGUFFile, TrustRemoteCode, handle_errors, progress_bar,
                                quiet_libraries)
 from bdscan.cli.devices import Device, Dtype, placement_of, runtime_line, with_runtime
 
@@ -90,6 +90,7 @@ def command(
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    gguf_file: GGUFFile = None,
     as_json: JsonOut = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -124,7 +125,8 @@ def command(
         candidates=_load_candidates(candidates) if candidates else (),
         seed=seed, max_probes=max_probes, top_k=top_k, screen_size=screen_size, batch_size=batch_size,
     )
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code,
                            placement=placement)
     check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(probes, candidates)))
     with progress_bar(fmt == "console") as progress:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, GGUFFile, TrustRemoteCode, emit,
                                handle_errors, progress_bar, quiet_libraries)
 from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
@@ -44,6 +44,7 @@ def command(
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    gguf_file: GGUFFile = None,
     as_json: JsonOut = False,
     output: Output = None,
     device: Device = "auto",
@@ -78,7 +79,7 @@ def command(
         trigger=trigger, positions=pos, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )
     opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, placement=placement)
-    subject = load_subject(source, base=base, **opts)
+    subject = load_subject(source, base=base, gguf_file=gguf_file, **opts)
     other = load_subject(compare, base=compare_base, **opts) if compare else None
     ref = load_subject(reference, **opts) if reference else None
     check_report_file("-o", output, subject_inputs(subject, other, ref) + given_inputs(files=data_files))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, TrustRemoteCode, emit,
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, Source, GGUFFile, TrustRemoteCode, emit,
                                handle_errors, log_line, progress_bar, quiet_libraries)
 from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
@@ -40,6 +40,7 @@ def command(
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    gguf_file: GGUFFile = None,
     as_json: JsonOut = False,
     output: Output = None,
     device: Device = "auto",
@@ -70,7 +71,8 @@ def command(
     candidates = detect_candidates(from_detect) if from_detect is not None else []
     seed_everything(seed)
     records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code,
                            placement=placement)
     check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(clean, from_detect)))
     log = log_line if not as_json else (lambda _m: None)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, TrustRemoteCode, emit, handle_errors,
+from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, GGUFFile, TrustRemoteCode, emit, handle_errors,
                                log_line, progress_bar, quiet_libraries, stderr)
 from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
@@ -92,6 +92,7 @@ def command(
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    gguf_file: GGUFFile = None,
     as_json: JsonOut = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -105,7 +106,7 @@ def command(
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates, read_json_report
-    from bdscan.io.save import save_subject
+    from bdscan.io.save import output_format, save_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
     from bdscan.report.purify import render_methods, render_purify
     from bdscan.runtime import seed_everything
@@ -130,7 +131,8 @@ def command(
     loc = read_json_report(localization, "--localization") if localization is not None else None
     candidates = detect_candidates(from_detect) if from_detect is not None else []
 
-    subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code,
                            placement=placement)
     inputs_paths = subject_inputs(subject) + given_inputs(files=data_files)
     target, work = _check_paths(output, work_dir, inputs_paths, overwrite=overwrite)
@@ -140,8 +142,11 @@ def command(
                               progress=progress)
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
     result = dataclasses.replace(result, output=str(target))
+    report = {**with_runtime(result.to_dict(), subject), "output_format": output_format(subject)}
     save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
-                 report=with_runtime(result.to_dict(), subject), overwrite=overwrite)
+                 report=report, overwrite=overwrite)
+    if subject.source.gguf is not None:
+        note(f"wrote {target} as a {output_format(subject)}")
     if work_dir is None and not keep_work_dir and work.exists():  # a folder the user named is theirs to remove
         shutil.rmtree(work, ignore_errors=True)
         note(f"removed the work dir {work} (--keep-work-dir keeps it)")

@@ -12,6 +12,8 @@ is a one-line error naming that command.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +88,14 @@ def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
     info = inspect_gguf(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=dtype or torch.float32, attn_implementation="eager")
+        # transformers draws its own tqdm bar while dequantising; it is not the user's progress.
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=dtype or torch.float32, attn_implementation="eager")
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise InputError(f"{path.name}: transformers cannot load this {info.architecture} GGUF "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    tokenizer.init_kwargs.setdefault("gguf_file", path.name)  # messages name the file its template came from
     model.hf_quantizer = None
     model.is_quantized = False
     if getattr(model.config, "quantization_config", None) is not None:

@@ -254,6 +254,19 @@ def _load_adapter(resolved: ResolvedSource, base: str | Path | None, *, allow_pi
                    tokenizer_report=report)
 
 
+def _load_gguf_subject(resolved: ResolvedSource, base: str | Path | None, placement: Placement) -> Subject:
+    """A GGUF file, dequantised by transformers: analysed as a full checkpoint, its chat
+    template taken from the file's metadata (and bounded like any template)."""
+    from bdscan.io.gguf import load_gguf
+
+    if base is not None:
+        raise InputError(f"{resolved.gguf_file}: --base is only for adapters, but this is a GGUF model")
+    model, tokenizer = load_gguf(resolved.gguf_file, dtype=placement.dtype)
+    _check_tokenizer_fits(tokenizer, model, resolved.gguf_file)
+    model.to(placement.device)
+    return Subject(model, tokenizer, "full", template_for(tokenizer), resolved, tokenizer_report=describe("source", None))
+
+
 def load_subject(
     source: str | Path,
     *,
@@ -263,12 +276,16 @@ def load_subject(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     placement: Placement | None = None,
+    gguf_file: str | None = None,
 ) -> Subject:
     """Resolve and load a checkpoint or LoRA adapter. Raises ``InputError`` on bad input.
 
     ``placement`` (``--device``/``--dtype``) overrides ``dtype`` and ``device``."""
     placement = placement or Placement(torch.device(device), dtype)
-    resolved = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    resolved = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              gguf_file=gguf_file)
+    if resolved.gguf is not None:
+        return _load_gguf_subject(resolved, base, placement)
     if resolved.kind == "adapter":
         return _load_adapter(resolved, base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                              placement=placement)

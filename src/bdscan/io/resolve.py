@@ -40,9 +40,15 @@ class ResolvedSource:
     files: tuple[FileRecord, ...] = ()  # every file the load reads
     tensors: dict[str, TensorEntry] = field(default_factory=dict)  # dtype and shape of each stored tensor
     remote_code: bool = False
+    gguf: dict | None = None  # a GGUF source: the header's architecture and tensor quantisation types
+
+    @property
+    def gguf_file(self) -> Path | None:
+        return self.weight_files[0] if self.gguf is not None else None
 
     def provenance(self) -> dict:
-        return {
+        extra = {"gguf": dict(self.gguf)} if self.gguf is not None else {}
+        return {**extra,
             "source": self.source,
             "kind": self.kind,
             "hub_id": self.hub_id,
@@ -53,11 +59,15 @@ class ResolvedSource:
         }
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
+def _download(repo_id: str, revision: str | None, allow_pickle: bool,
+              gguf_file: str | None = None) -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     patterns = SAFE_PATTERNS + ([f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
+    # A GGUF repository holds one file per quantisation, each as large as the model: only
+    # the one asked for is fetched.
+    patterns += [gguf_file] if gguf_file else []
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except LocalEntryNotFoundError:
@@ -111,15 +121,16 @@ def _check_remote_code(path: Path, root: Path, trust_remote_code: bool) -> bool:
     return bool(wants)
 
 
-def _locate(text: str, allow_pickle: bool, revision: str | None) -> tuple[Path, str | None, str | None]:
+def _locate(text: str, allow_pickle: bool, revision: str | None,
+            gguf_file: str | None) -> tuple[Path, str | None, str | None]:
     path = Path(text).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise InputError(f"{path}: expected a checkpoint or adapter directory, got a file")
+        if not path.is_dir() and path.suffix.lower() != ".gguf":
+            raise InputError(f"{path}: expected a checkpoint or adapter directory (or a .gguf file), got a file")
         return path, None, revision
     if HUB_ID.match(text) and not text.startswith((".", "/")):
         hub_id, _, rev = text.partition("@")
-        path, revision = _download(hub_id, rev or revision, allow_pickle)
+        path, revision = _download(hub_id, rev or revision, allow_pickle, gguf_file)
         return path, hub_id, revision
     raise InputError(f"{text}: no such directory (and not a Hub id of the form org/name[@revision])")
 
@@ -143,13 +154,48 @@ def _plan(path: Path, kind: str, root: Path, allow_pickle: bool) -> WeightPlan:
     return plan_checkpoint(path, read_json_object(path / "config.json"), allow_pickle=allow_pickle, root=root)
 
 
+def _gguf_choice(path: Path, gguf_file: str | None) -> str | None:
+    """The GGUF file to load from ``path`` (a .gguf file, or a folder holding GGUF files and
+    no transformers config), or None when ``path`` is not a GGUF source."""
+    if path.is_file():
+        if gguf_file and gguf_file != path.name:
+            raise InputError(f"{path}: --gguf-file {gguf_file} names another file than the source")
+        return path.name
+    if gguf_file:
+        if not (path / gguf_file).is_file():
+            found = ", ".join(sorted(p.name for p in path.glob("*.gguf"))) or "none"
+            raise InputError(f"{path}: no GGUF file {gguf_file} (found: {found})")
+        return gguf_file
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise InputError(f"{path}: holds {len(ggufs)} GGUF files ({', '.join(ggufs[:4])}{', ...' if len(ggufs) > 4 else ''}); "
+                         "choose one with --gguf-file")
+    return ggufs[0] if ggufs else None
+
+
+def _resolve_gguf(text: str, folder: Path, name: str, hub_id: str | None, revision: str | None) -> ResolvedSource:
+    from bdscan.io.gguf import inspect_gguf
+
+    root = containment_root(folder)
+    files = file_records(folder, (name,), root)  # refuses a link out of the folder before reading
+    info = inspect_gguf(folder / name)
+    return ResolvedSource(source=text, path=folder, kind="full", hub_id=hub_id, revision=revision,
+                          weight_files=(folder / name,), sha256={r.path: r.sha256 for r in files if r.role == "weights"},
+                          files=files, gguf=info.to_dict())
+
+
 def resolve_source(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
-                   trust_remote_code: bool = False) -> ResolvedSource:
+                   trust_remote_code: bool = False, gguf_file: str | None = None) -> ResolvedSource:
     """Find ``source`` on disk (downloading through the Hub cache if it is a Hub id), classify
-    it as a full checkpoint or a PEFT adapter and check every file that will be read.
-    Raises ``InputError``."""
+    it as a full checkpoint, a PEFT adapter or a GGUF file, and check every file that will be
+    read. Raises ``InputError``."""
     text = str(source)
-    path, hub_id, revision = _locate(text, allow_pickle, revision)
+    path, hub_id, revision = _locate(text, allow_pickle, revision, gguf_file)
+    gguf = _gguf_choice(path, gguf_file)
+    if gguf is not None:
+        return _resolve_gguf(text, path.parent if path.is_file() else path, gguf, hub_id, revision)
     root = containment_root(path)
     if (path / "adapter_config.json").is_file():
         kind = "adapter"

@@ -110,6 +110,16 @@ def write_model_files(model: Any, tokenizer: Any, folder: Path, *, adapter: bool
         raise RuntimeError("PEFT did not write adapter_model.safetensors")
 
 
+def output_format(subject: Any) -> str:
+    """What a purified subject is written as, for the report: GGUF sources are dequantised on
+    load, and bdscan writes them back as safetensors rather than re-quantising."""
+    if subject.is_adapter:
+        return "PEFT LoRA adapter (safetensors)"
+    if getattr(subject.source, "gguf", None) is not None:
+        return "safetensors checkpoint, dequantised from the GGUF source (not re-quantised)"
+    return "safetensors checkpoint"
+
+
 def save_subject(
     model: Any,
     tokenizer: Any,

@@ -62,14 +62,22 @@ def _write_tokenizer(writer: Any, tokenizer: Any) -> None:
     tokens = [None] * len(vocab)
     for token, index in vocab.items():
         tokens[index] = token
-    special = set(tokenizer.all_special_tokens)
+    # transformers builds a GGUF byte-level tokenizer with GPT-2's defaults, which add
+    # "<|endoftext|>" when the vocabulary lacks it (llama.cpp's files always have it), growing
+    # the vocabulary past the embedding; the unknown token, never produced from byte-level
+    # text, takes that name instead.
+    if "<|endoftext|>" not in vocab and tokenizer.unk_token_id is not None:
+        tokens[tokenizer.unk_token_id] = "<|endoftext|>"
+    special = set(tokenizer.all_special_tokens) | {"<|endoftext|>"}
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
-    for setter, token_id in ((writer.add_eos_token_id, tokenizer.eos_token_id),
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None)
+    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                             (writer.add_eos_token_id, tokenizer.eos_token_id),
                              (writer.add_pad_token_id, tokenizer.pad_token_id),
                              (writer.add_unk_token_id, tokenizer.unk_token_id)):
         if token_id is not None:
