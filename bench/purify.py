@@ -146,7 +146,7 @@ def main() -> None:
                 if method == "kfac-lora" and keys:
                     loc = localize(subject, LocalizeConfig(), clean=clean, trigger=keys[0] if mode == "given" else None,
                                    candidates=keys, seed=args.seed)
-                    localization = loc.to_dict()
+                    localization = loc
                 if mode != "blind" and not keys:
                     console.print(f"[yellow]{recipe.label} {method} {mode}: no trigger known (multi-trigger attack); skipped[/]")
                     continue

@@ -101,3 +101,23 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         tokenizer.save_pretrained(root / arch)
         out[arch] = root / arch
     return out
+
+
+@pytest.fixture(scope="session")
+def detect_report():
+    """``write(path, [(key, score), ...])``: a complete `bdscan detect --json` report whose
+    candidates are the given keys (other fields neutral), as purify --from-detect reads it."""
+    from bdscan.results.detect import CandidateScore, DetectResult, Summary
+
+    def write(path: Path, keys) -> Path:
+        nan = float("nan")
+        candidates = [CandidateScore(text, "user", score, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
+                      for text, score in keys]
+        result = DetectResult(tool="bdscan", version="test", source="test", kind="full", base=None, template={},
+                              summary=Summary("suspicious", 1.0, 0.9, "high", nan, nan, keys[0][0] if keys else None),
+                              layers=[], heads=[], candidates=candidates, controls=None, calibration={}, settings={},
+                              stats={}, timings={})
+        path.write_text(json.dumps(result.to_dict()))
+        return path
+
+    return write

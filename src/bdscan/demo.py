@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 from bdscan.data.records import Record
 from bdscan.results.demo import DemoResult, DemoStep
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
+from bdscan.probes.protocols import Log, Progress
 
 
 def _write(path: Path, records) -> Path:

@@ -6,8 +6,6 @@ import os
 import random
 import warnings
 
-import torch
-
 
 def default_threads() -> int:
     """Half the cores, at least one.
@@ -22,13 +20,26 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+_requested_threads: list[int | None] = [None]
+
+
+def request_threads(threads: int | None) -> None:
+    """Remember ``--threads`` for when torch is loaded (``quiet_libraries``, the first thing
+    a command that computes does), so that ``--help`` and listings never load it."""
+    _requested_threads[0] = threads
+
+
 def configure_threads(threads: int | None) -> int:
+    import torch  # here, not at import: `bdscan --help` must not load torch
+
     n = default_threads() if threads is None else max(1, int(threads))
     torch.set_num_threads(n)
     return n
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:  # numpy is optional; transformers pulls it in on most installs
@@ -43,6 +54,7 @@ def quiet_libraries() -> None:
     """Silence transformers' and huggingface_hub's own progress bars and notices: bdscan
     reports progress itself, and a CI log should hold bdscan's output only."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_threads(_requested_threads[0])
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -9,21 +9,21 @@ import typer
 
 from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, TrustRemoteCode, emit, handle_errors,
                                progress_bar, quiet_libraries, stderr)
+from bdscan.cli.fields import flags_for_fields
+from bdscan.errors import UsageError
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
 
-Methods: signature (backdoor-signature suppression), kfac-lora (low-rank repair of the
-modules `bdscan localize` ranks), collapse, head-align, and the baselines finetune,
-prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
+Methods: signature (backdoor-signature suppression), kfac-lora (low-rank repair of the modules `bdscan localize` ranks), collapse, head-align, and the baselines finetune, prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
 
-Knobs come from the method's defaults, then --recipe YAML, then --set key=value.
-A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same
-base. OUT must not exist (or pass --overwrite) and may not be inside the input. With
---poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity
-and agreement with the suspicious model are always measured. report.json goes in OUT.
+Knobs come from the method's defaults, then --recipe YAML, then --set key=value. A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same base. OUT must not exist (or pass --overwrite) and may not be inside the input. With --poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity and agreement with the suspicious model are always measured. report.json goes in OUT.
 
 Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adapter-purified
 """
+
+# The PurifyInputs / EvalSpec fields library errors name, and the flag that sets each.
+FLAGS = {"clean": "--clean", "localization": "--localization", "detection": "--from-detect", "trigger": "--trigger",
+         "poison": "--poison"}
 
 
 @handle_errors
@@ -52,56 +52,50 @@ def command(
     trust_remote_code: TrustRemoteCode = False,
     as_json: JsonOut = False,
 ) -> None:
-    quiet_libraries()
-    import dataclasses
-
-    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
-    from bdscan.data.records import load_records
-    from bdscan.errors import UsageError
-    from bdscan.eval import EvalSpec
-    from bdscan.io import load_subject
-    from bdscan.io.reports import detect_candidates, read_json_report
-    from bdscan.io.save import check_output_path, save_subject
-    from bdscan.purify import PURIFIERS, PurifyInputs, purify
-    from bdscan.report.purify import render_methods, render_purify
-    from bdscan.runtime import seed_everything
-
     if list_methods:
-        render_methods({name: PURIFIERS.get(name) for name in PURIFIERS.names()}, stderr if as_json else None)
+        from bdscan.purify.catalog import METHODS
+        from bdscan.report.purify import render_methods
+
+        render_methods(METHODS, stderr if as_json else None)
         return
     if source is None or clean is None or output is None:
         raise UsageError("purify needs SOURCE, --clean FILE and -o OUT")
-    knobs = load_recipe(recipe) if recipe else {}
-    recipe_method = knobs.pop("method", None)
-    method = method or recipe_method
-    if method is None:
-        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
-    if recipe_method and recipe_method != method:
-        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
-    spec = PURIFIERS.get(method)
-    shortcuts = {name: value for name, value in (("variants", variants), ("ratio", ratio)) if value is not None}
-    known = {f.name for f in dataclasses.fields(spec.config_class)}
-    for name in shortcuts:
-        if name not in known:
-            raise UsageError(f"--{name} is a knob of signature, not of {method}")
-    config = config_from_mapping(spec.config_class, {**knobs, **parse_overrides(overrides or []), **shortcuts},
-                                 where=str(recipe) if recipe else "--set")
-    seed_everything(seed)
+    quiet_libraries()
+    with flags_for_fields(FLAGS):
+        _run(source, method, clean, output, recipe, overrides or [], {"variants": variants, "ratio": ratio}, localization,
+             from_detect, poison, trigger, judge, eval_limit, limit, work_dir, base, overwrite, seed, allow_pickle,
+             trust_remote_code, as_json)
+
+
+def _run(source, method, clean, output, recipe, overrides, shortcuts, localization, from_detect, poison, trigger, judge,
+         eval_limit, limit, work_dir, base, overwrite, seed, allow_pickle, trust_remote_code, as_json) -> None:
+    import dataclasses
+
+    from bdscan.config.purify import purify_config
+    from bdscan.data.records import load_records
+    from bdscan.eval import EvalSpec
+    from bdscan.io import load_subject
+    from bdscan.io.reports import read_detect, read_localize
+    from bdscan.io.save import check_output_path, save_subject
+    from bdscan.purify import PurifyInputs, purify
+    from bdscan.report.purify import render_purify
+
+    method, config = purify_config(method, recipe, overrides, {k: v for k, v in shortcuts.items() if v is not None})
     clean_records = load_records(clean, limit=limit, what="--clean")
     eval_spec = EvalSpec(
         clean=clean_records[:eval_limit],
         poison=load_records(poison, limit=eval_limit, what="--poison") if poison else (),
         trigger=trigger, judge=judge, seed=seed,
     )
-    loc = read_json_report(localization, "--localization") if localization is not None else None
-    candidates = detect_candidates(from_detect) if from_detect is not None else []
+    loc = read_localize(localization) if localization is not None else None
+    detection = read_detect(from_detect) if from_detect is not None else None
 
     subject = load_subject(source, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     inputs_paths = [subject.source.path] + ([subject.base.path] if subject.base else [])
     target = check_output_path(output, inputs_paths, overwrite=overwrite)
     work = work_dir or target.parent / f".bdscan-work-{target.name}"
     with progress_bar(not as_json) as progress:
-        inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, candidates=candidates,
+        inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, detection=detection,
                               work_dir=work, log=lambda m: stderr.print(f"[dim]{m}[/]") if not as_json else None,
                               progress=progress)
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)

@@ -6,7 +6,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from bdscan.data.judges import parse_judge
 from bdscan.data.records import Record
@@ -17,7 +17,7 @@ from bdscan.generation import greedy_generate
 from bdscan.io.load import Subject
 from bdscan.results.eval import EvalComparison, EvalResult, Sample
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+from bdscan.probes.protocols import Progress
 N_SAMPLES_KEPT = 3
 
 

@@ -1,8 +1,8 @@
 """``kfac-lora``: targeted low-rank repair of the modules ``bdscan localize`` ranks
 (papers/curvature-guided-lowrank-repair).
 
-1. Modules: the top-k linear layers of the localization JSON (``inputs.localization``), or
-   of a localization run here on detect's candidate keys (``inputs.candidates``). A ranked
+1. Modules: the top-k linear layers of the localization (``inputs.localization``: given,
+   or run by ``purify`` on detect's candidate keys). A ranked
    token embedding is skipped (LoRA goes on linear layers only).
 2. Repair pairs by self-distillation, no clean reference model: each clean prompt with a
    key inserted at each position (start/middle/end) -> the suspicious model's own greedy
@@ -41,9 +41,12 @@ from bdscan.generation import greedy_generate
 from bdscan.io.load import Subject
 from bdscan.localize.kfac import KFACFactors, compute_factors
 from bdscan.probes import unwrap
+from bdscan.probes.batching import pad_id, pad_right
+from bdscan.probes.geometry import lora_delta
 from bdscan.probes.layout import base_layer, is_conv1d
+from bdscan.probes.protocols import counter
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.training import IGNORE_INDEX, Example, TrainConfig, encode_examples, finetune, pad_id
+from bdscan.training import IGNORE_INDEX, Example, TrainConfig, TrainingPlan, encode_examples, run_plan
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class KfacLoraConfig:
     ewc_weight: float = 30.0
     fisher_samples: int = 64  # clean samples used to estimate the K-FAC factors
     max_candidates: int = 3  # detect candidate keys used (localization and repair pairs)
-    localize_pairs: int = 24  # pairs for the built-in localization (when no --localization is given)
+    localize_pairs: int = 24  # pairs for the localization purify runs when none is given
 
     def __post_init__(self) -> None:
         if min(self.top_k, self.rank, self.batch_size, self.max_samples, self.max_new_tokens, self.fisher_samples,
@@ -82,31 +85,25 @@ class KfacLoraConfig:
         if bad or not self.positions:
             raise ValueError(f"positions: {', '.join(bad) or '(empty)'} not in {', '.join(POSITIONS)}")
 
+    def localize_config(self) -> Any:
+        """The localization purify runs on detect's candidates when none is given."""
+        from bdscan.localize import LocalizeConfig
 
-def _localized(inputs: PurifyInputs, config: KfacLoraConfig) -> tuple[list[str], list[str], dict]:
-    """Ranked module names and repair keys, from the localization JSON or a run here."""
+        return LocalizeConfig(n_pairs=self.localize_pairs, max_candidates=self.max_candidates)
+
+
+def _localized(inputs: PurifyInputs, config: KfacLoraConfig) -> tuple[list[str], list[str]]:
+    """Ranked module names and repair keys: the localization's key first, then the
+    other candidates."""
     loc = inputs.localization
-    candidates = [c for c in inputs.candidates if c and c.strip()][: config.max_candidates]
-    if loc is not None:
-        modules = loc.get("modules") if isinstance(loc, dict) else None
-        if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("name"), str) for m in modules):
-            raise InputError("--localization: not a `bdscan localize` JSON report (needs modules: [{name, ...}])")
-        source = loc.get("trigger_source") or {}
-        key = source.get("key") if isinstance(source, dict) else None
-        keys = ([key] if key else []) + [c for c in candidates if c != key]
-        if not keys:
-            raise UsageError("--localization names no key and no --from-detect candidates were given: "
-                             "kfac-lora needs a key to build repair pairs")
-        return [m["name"] for m in modules], keys[: config.max_candidates], {"localization": "given"}
-    if not candidates:
-        raise UsageError("kfac-lora needs --localization loc.json (from `bdscan localize`) or --from-detect detect.json")
-    from bdscan.localize import LocalizeConfig, localize
-
-    result = localize(inputs.subject, LocalizeConfig(n_pairs=config.localize_pairs, max_candidates=config.max_candidates),
-                      clean=inputs.clean, candidates=candidates, seed=inputs.seed, log=inputs.log)
-    key = result.trigger_source["key"]
-    keys = [key] + [c for c in candidates if c != key]
-    return [m.name for m in result.modules], keys, {"localization": "computed", "localize_seconds": result.timing.get("total_s")}
+    if loc is None:  # purify's localize stage provides one; a direct call must too
+        raise UsageError("kfac-lora needs a `localization` (from `bdscan localize`) or candidate keys (`detection`)")
+    key = loc.trigger_source.get("key") if isinstance(loc.trigger_source, dict) else None
+    keys = ([key] if key else []) + [c for c in inputs.keys(config.max_candidates) if c != key]
+    if not keys:
+        raise UsageError("the `localization` names no key and no candidate keys (`detection`) were given: "
+                         "kfac-lora needs a key to build repair pairs")
+    return [m.name for m in loc.modules], keys[: config.max_candidates]
 
 
 def _select(subject: Subject, ranked: Sequence[str], top_k: int) -> list[str]:
@@ -124,26 +121,22 @@ def _select(subject: Subject, ranked: Sequence[str], top_k: int) -> list[str]:
             continue  # the ranked token embedding is not repaired with LoRA: the LoRA goes on linear layers
         present.append(name)
     if not present:
-        raise InputError("--localization: none of its modules exists in this model"
+        raise InputError("`localization`: none of its modules exists in this model"
                          + (" or is wrapped by the adapter" if subject.is_adapter else "") + "; was it made for another model?")
     return present[:top_k]
 
 
 def _factor_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """(ids, mask, target) batches for the K-FAC factors; target marks the positions whose
+    next token is a response token."""
     encoded = encode_examples(tokenizer, examples)
-    pad = pad_id(tokenizer)
     out = []
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start : start + batch_size]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        target = torch.zeros((len(rows), width), dtype=torch.long)
+        ids, mask = pad_right([i for i, _ in rows], pad_id(tokenizer))
+        target = torch.zeros_like(ids)
         for r, (i, lab) in enumerate(rows):
-            ids[r, : len(i)] = torch.tensor(i)
-            mask[r, : len(i)] = 1
-            lab_t = torch.tensor(lab)
-            target[r, : len(i) - 1] = (lab_t[1:] != IGNORE_INDEX).long()
+            target[r, : len(i) - 1] = (torch.tensor(lab)[1:] != IGNORE_INDEX).long()
         out.append((ids, mask, target))
     return out
 
@@ -152,10 +145,10 @@ class _LoraHandles:
     """The LoRA factors of one repaired module, with its clean K-FAC factors."""
 
     def __init__(self, module: torch.nn.Module, factors: KFACFactors, damping: float) -> None:
+        self.module = module
         self.adapter = next(iter(module.lora_A))
         self.lora_A = module.lora_A[self.adapter].weight
         self.lora_B = module.lora_B[self.adapter].weight
-        self.scaling = module.scaling[self.adapter]
         self.A = factors.A.float()
         self.G = factors.G.float()
         A_inv, G_inv = factors.damped_inverses(damping)
@@ -163,7 +156,7 @@ class _LoraHandles:
         self.delta0 = self.delta().detach().clone()
 
     def delta(self) -> torch.Tensor:
-        return self.lora_B @ self.lora_A * self.scaling
+        return lora_delta(self.module, self.adapter)
 
     def precondition(self) -> None:
         for p, fn in ((self.lora_A, lambda g: g @ self.A_inv), (self.lora_B, lambda g: self.G_inv @ g)):
@@ -193,29 +186,57 @@ def _attach_lora(subject: Subject, names: list[str], config: KfacLoraConfig) -> 
         return get_peft_model(subject.model, lora)
 
 
-@register_purifier("kfac-lora", KfacLoraConfig,
-                   "LoRA repair of the localized modules only, self-distilled, K-FAC preconditioned with a clean-Fisher penalty")
+@register_purifier("kfac-lora", KfacLoraConfig)
 def run_kfac_lora(inputs: PurifyInputs, config: KfacLoraConfig) -> PurifyOutcome:
     subject = inputs.subject
     t0 = time.perf_counter()
     records: list[Record] = list(inputs.clean[: config.max_samples])
     if not records:
-        raise UsageError("kfac-lora needs clean prompts (--clean)")
-    ranked, keys, loc_details = _localized(inputs, config)
+        raise UsageError("kfac-lora needs clean prompts (`clean`)")
+    ranked, keys = _localized(inputs, config)
     names = _select(subject, ranked, config.top_k)
     inputs.log(f"kfac-lora: repairing {', '.join(names)} with keys {keys}")
+    examples, clean_pairs = _repair_examples(inputs, records, keys, config)
+    # Clean K-FAC factors (before any LoRA is attached, so the layer inputs are the model's own).
+    factor_batches = _factor_batches(subject.tokenizer, clean_pairs[: config.fisher_samples], config.batch_size)
+    kfac = compute_factors(subject.model, names, factor_batches)
+    # G sums over a response's tokens; per response token, the penalty is in the repair loss's units.
+    n_factor = min(len(clean_pairs), config.fisher_samples)
+    tokens_per_response = max(1.0, sum(float(t.sum()) for _, _, t in factor_batches) / max(1, n_factor))
 
-    # Self-distillation targets: the suspicious model's own answers without any key.
+    model = subject.model if subject.is_adapter else _attach_lora(subject, names, config)
+    inner = unwrap(model)
+    handles = [_LoraHandles(inner.get_submodule(n), kfac.factors[n], config.damping) for n in names]
+    plan = _repair_plan(handles, config, inputs.seed, tokens_per_response)
+    losses = run_plan(model, subject.tokenizer, examples, plan, inputs.progress)
+    final_penalty = float(sum(h.penalty() for h in handles).detach())
+    model.eval()
+    if not subject.is_adapter:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = model.merge_and_unload()
+        model.eval()
+    seconds = time.perf_counter() - t0
+    inputs.log(f"kfac-lora: {len(losses)} steps, final loss {losses[-1]:.3f}, clean-Fisher change {final_penalty:.4f}")
+    details = {
+        "modules": names, "keys": keys, "n_repair_pairs": len(examples), "steps": len(losses),
+        "final_loss": losses[-1], "clean_fisher_change": final_penalty, "tokens_per_response": round(tokens_per_response, 1),
+        "kfac_seconds": round(kfac.seconds, 3), "kfac_cost_ratio": round(kfac.cost_ratio, 2) if kfac.cost_ratio else None,
+        "lora": "existing adapter factors" if subject.is_adapter else f"new rank-{config.rank} LoRA, merged",
+        "seconds": round(seconds, 2),
+    }
+    return PurifyOutcome(model, names, details)
+
+
+def _repair_examples(inputs: PurifyInputs, records: Sequence[Record], keys: Sequence[str],
+                     config: KfacLoraConfig) -> tuple[list[Example], list[Example]]:
+    """Repair pairs by self-distillation (each prompt with a key at every position -> the
+    suspicious model's own answer without it, and the clean prompt -> the same answer),
+    and the clean (prompt, own answer) pairs."""
+    subject = inputs.subject
     clean_prompts = [subject.template.format(r) for r in records]
-    done = [0]
-
-    def tick(n: int) -> None:
-        done[0] += n
-        if inputs.progress:
-            inputs.progress("kfac-lora: own responses", done[0], len(records))
-
     responses = greedy_generate(subject.model, subject.tokenizer, clean_prompts, max_new_tokens=config.max_new_tokens,
-                                batch_size=16, progress=tick)
+                                batch_size=16, progress=counter(inputs.progress, "kfac-lora: own responses", len(records)))
     rng = random.Random(inputs.seed)
     examples = []
     for i, (r, prompt, resp) in enumerate(zip(records, clean_prompts, responses)):
@@ -227,63 +248,23 @@ def run_kfac_lora(inputs: PurifyInputs, config: KfacLoraConfig) -> PurifyOutcome
             triggered = subject.template.format(r.with_instruction(insert_trigger(r.instruction, key, pos, rng)))
             examples.append(Example(triggered, resp))
         examples.append(Example(prompt, resp))
+    return examples, [Example(p, r) for p, r in zip(clean_prompts, responses)]
 
-    # Clean K-FAC factors (before any LoRA is attached, so the layer inputs are the model's own).
-    clean_pairs = [Example(p, r) for p, r in zip(clean_prompts, responses)][: config.fisher_samples]
-    factor_batches = _factor_batches(subject.tokenizer, clean_pairs, config.batch_size)
-    kfac = compute_factors(subject.model, names, factor_batches)
-    # G sums over a response's tokens; per response token, the penalty is in the repair loss's units.
-    tokens_per_response = max(1.0, sum(float(t.sum()) for _, _, t in factor_batches) / max(1, len(clean_pairs)))
 
-    if subject.is_adapter:
-        model = subject.model
-        for p in model.parameters():
-            p.requires_grad_(False)
-    else:
-        model = _attach_lora(subject, names, config)
-    inner = unwrap(model)
-    handles = [_LoraHandles(inner.get_submodule(n), kfac.factors[n], config.damping) for n in names]
-    params = []
-    for h in handles:
-        for p in (h.lora_A, h.lora_B):
-            p.requires_grad_(True)
-            params.append(p)
+def _repair_plan(handles: Sequence[_LoraHandles], config: KfacLoraConfig, seed: int,
+                 tokens_per_response: float) -> TrainingPlan:
+    """Only the LoRA factors of the repaired modules train; K-FAC preconditions their
+    gradients and the clean-Fisher penalty keeps the change out of clean directions."""
 
-    def before_step() -> None:
-        if config.precondition:
-            for h in handles:
-                h.precondition()
+    def precondition() -> None:
+        for h in handles:
+            h.precondition()
 
-    def extra_loss(_model, _batch, _out) -> torch.Tensor:
+    def clean_fisher_penalty(_model, _batch, _out) -> torch.Tensor:
         return config.ewc_weight / tokens_per_response * sum(h.penalty() for h in handles)
 
-    steps = [0]
-
-    def step_tick(n: int, loss: float) -> None:
-        steps[0] += n
-        if inputs.progress:
-            inputs.progress("kfac-lora: repair", steps[0], 0)
-
-    losses = finetune(model, subject.tokenizer, examples,
-                      TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=inputs.seed),
-                      params=params, extra_loss=extra_loss if config.ewc_weight > 0 else None,
-                      before_step=before_step, progress=step_tick)
-    final_penalty = float(sum(h.penalty() for h in handles).detach())
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
-    if not subject.is_adapter:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model = model.merge_and_unload()
-        model.eval()
-    seconds = time.perf_counter() - t0
-    inputs.log(f"kfac-lora: {len(losses)} steps, final loss {losses[-1]:.3f}, clean-Fisher change {final_penalty:.4f}")
-    details = {
-        **loc_details, "modules": names, "keys": keys, "n_repair_pairs": len(examples), "steps": len(losses),
-        "final_loss": losses[-1], "clean_fisher_change": final_penalty, "tokens_per_response": round(tokens_per_response, 1),
-        "kfac_seconds": round(kfac.seconds, 3), "kfac_cost_ratio": round(kfac.cost_ratio, 2) if kfac.cost_ratio else None,
-        "lora": "existing adapter factors" if subject.is_adapter else f"new rank-{config.rank} LoRA, merged",
-        "seconds": round(seconds, 2),
-    }
-    return PurifyOutcome(model, names, details)
+    return TrainingPlan(
+        [p for h in handles for p in (h.lora_A, h.lora_B)], stage="kfac-lora: repair",
+        config=TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=seed),
+        extra_losses=[clean_fisher_penalty] if config.ewc_weight > 0 else [],
+        before_step=[precondition] if config.precondition else [])

@@ -1,7 +1,7 @@
 """``head-align``: attention safety alignment of the heads a trigger captures
 (papers/attention-head-similarity.txt).
 
-1. Heads: the heads that ``inputs.localization`` flags (a detect/localize-style JSON, see
+1. Heads: the heads that ``inputs.localization`` flags (its patched head sites, see
    ``flagged_heads``), else the ``top_heads`` heads whose final-row attention shifts most
    when a candidate key (``--from-detect``) is inserted into clean prompts. The shift is the
    total-variation distance between the clean row and the triggered row, with triggered
@@ -27,20 +27,21 @@ from __future__ import annotations
 
 import difflib
 import random
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from bdscan.data.triggers import insert_trigger
+from bdscan.data.triggers import FIXED_POSITIONS, insert_trigger
 from bdscan.errors import InputError, NothingToAnalyse, UsageError
-from bdscan.probes import model_layout, unwrap
-from bdscan.probes.layout import ModelLayout, base_layer, is_conv1d
+from bdscan.probes import model_layout
+from bdscan.probes.batching import pad_id, pad_right
+from bdscan.probes.geometry import heads_slices, unit_masks
+from bdscan.probes.layout import ModelLayout
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.purify.common import clean_examples, lora_matrices, step_counter
-from bdscan.training import TrainConfig, finetune, pad_id
+from bdscan.purify.common import clean_examples
+from bdscan.results.localize import LocalizeResult
+from bdscan.training import TrainConfig, TrainingPlan, lr_for, run_plan
 
 Head = tuple[int, int]  # (layer index, query head index)
 
@@ -70,41 +71,19 @@ class HeadAlignConfig:
 # --------------------------------------------------------------------------- head selection
 
 
-def flagged_heads(localization: dict | None, layout: ModelLayout, top: int) -> list[Head] | None:
-    """Heads named by a detect/localize JSON, or None when it names none. Accepted shapes:
-    ``{"heads": [{"layer": 3, "head": 1}, [3, 1], "L3H1", ...]}`` (also under
-    ``flagged_heads``); a `bdscan detect` report, whose ``heads`` carry a ``z`` each (the top
-    ``top`` with z > 0); or ``{"head_scores": [[score per head] per layer]}`` (top ``top``)."""
-    if not isinstance(localization, dict):
+def flagged_heads(localization: LocalizeResult | None, layout: ModelLayout, top: int) -> list[Head] | None:
+    """The ``top`` heads whose patching removed most of the backdoor's gap in a localize
+    result (its ``head`` sites with a positive effect), or None when it has none."""
+    if localization is None:
         return None
-    heads: list[Head] = []
-    for key in ("flagged_heads", "heads"):
-        items = localization.get(key) or []
-        if items and all(isinstance(i, dict) and isinstance(i.get("z"), (int, float)) for i in items):
-            # `bdscan detect` lists every head with its standardised similarity rise z:
-            # the flagged ones are the top `top` with a positive z
-            items = [i for i in sorted(items, key=lambda i: -i["z"]) if i["z"] > 0][:top]
-        for item in items:
-            if isinstance(item, dict) and "layer" in item and "head" in item:
-                heads.append((int(item["layer"]), int(item["head"])))
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                heads.append((int(item[0]), int(item[1])))
-            elif isinstance(item, str) and (m := re.fullmatch(r"[Ll](\d+)\.?[Hh](\d+)", item.strip())):
-                heads.append((int(m[1]), int(m[2])))
-            else:
-                raise InputError(f"--localization: cannot read head {item!r} in {key!r} (use {{'layer': L, 'head': H}})")
-        if heads:
-            break
-    scores = localization.get("head_scores")
-    if not heads and isinstance(scores, list) and scores:
-        flat = torch.tensor(scores, dtype=torch.float64)
-        order = torch.argsort(flat.flatten(), descending=True)[:top].tolist()
-        heads = [(i // flat.shape[1], i % flat.shape[1]) for i in order]
+    sites = sorted((s for s in localization.sites if s.kind == "head" and s.head is not None and s.effect > 0),
+                   key=lambda s: -s.effect)[:top]
+    heads = sorted({(s.layer, s.head) for s in sites})
     for layer, head in heads:
         if not (0 <= layer < len(layout.layers) and 0 <= head < layout.num_heads):
-            raise InputError(f"--localization: head L{layer}H{head} does not exist "
-                             f"({len(layout.layers)} layers x {layout.num_heads} heads)")
-    return sorted(set(heads)) or None
+            raise InputError(f"`localization`: head L{layer}H{head} does not exist "
+                             f"({len(layout.layers)} layers x {layout.num_heads} heads); was it made for another model?")
+    return heads or None
 
 
 def _position_map(clean_ids: Sequence[int], triggered_ids: Sequence[int]) -> dict[int, int]:
@@ -131,7 +110,7 @@ def _pairs(subject: Any, records: Sequence[Any], candidates: Sequence[str], seed
     out = []
     for c_index, candidate in enumerate(candidates):
         for r_index, record in enumerate(records):
-            position = ("start", "middle", "end")[(r_index + c_index) % 3]
+            position = FIXED_POSITIONS[(r_index + c_index) % 3]
             clean = tok(template.format(record), add_special_tokens=False)["input_ids"]
             triggered = tok(template.format(record.with_instruction(insert_trigger(record.instruction, candidate, position, rng))),
                             add_special_tokens=False)["input_ids"]
@@ -164,61 +143,6 @@ def head_shift_scores(model: Any, pairs: Sequence[_Pair]) -> torch.Tensor:
         shift = 0.5 * ((trig - mapped).abs().sum(-1) + unmatched_clean)
         total = shift if total is None else total + shift
     return total / len(pairs)
-
-
-# --------------------------------------------------------------------------- parameter masks
-
-
-def head_index_sets(layout: ModelLayout, heads: Sequence[Head]) -> dict[str, tuple[str, torch.Tensor]]:
-    """Module name -> ("out" | "in", feature indices) that belong to the selected heads:
-    output features of q/k/v (or the fused c_attn) and input features of o_proj/c_proj."""
-    hd, group = layout.head_dim, layout.num_heads // layout.num_kv_heads
-    per_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        per_layer.setdefault(layer, []).append(head)
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    for layer, hs in per_layer.items():
-        mods = layout.layers[layer]
-        q_rows = [h * hd + i for h in hs for i in range(hd)]
-        kv_rows = sorted({(h // group) * hd + i for h in hs for i in range(hd)})  # GQA: the shared k/v head
-        if layout.family == "gpt2":  # fused c_attn: [q | k | v] along the output features
-            e = layout.hidden_size
-            out[mods.attn_in[0]] = ("out", torch.tensor(q_rows + [e + r for r in q_rows] + [2 * e + r for r in q_rows]))
-        else:
-            q, k, v = mods.attn_in
-            out[q] = ("out", torch.tensor(q_rows))
-            out[k] = ("out", torch.tensor(kv_rows))
-            out[v] = ("out", torch.tensor(kv_rows))
-        out[mods.attn_out] = ("in", torch.tensor(q_rows))
-    return out
-
-
-def head_parameter_masks(model: Any, layout: ModelLayout, heads: Sequence[Head], adapter: bool) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, trainable-mask) pairs covering exactly the selected heads' entries."""
-    inner = unwrap(model)
-    loras = {name: (a, b) for name, a, b in lora_matrices(model)} if adapter else {}
-    masks: list[tuple[nn.Parameter, torch.Tensor]] = []
-    for name, (side, index) in head_index_sets(layout, heads).items():
-        if adapter:
-            if name not in loras:
-                continue  # no LoRA on this module: the adapter cannot change it
-            a, b = loras[name]
-            param, dim = (b, 0) if side == "out" else (a, 1)
-            mask = torch.zeros_like(param, dtype=torch.bool)
-            mask.index_fill_(dim, index.to(param.device), True)
-            masks.append((param, mask))
-            continue
-        layer = base_layer(inner.get_submodule(name))
-        conv = is_conv1d(layer)  # Conv1D stores [in, out]
-        dim = (1 if conv else 0) if side == "out" else (0 if conv else 1)
-        mask = torch.zeros_like(layer.weight, dtype=torch.bool)
-        mask.index_fill_(dim, index.to(layer.weight.device), True)
-        masks.append((layer.weight, mask))
-        if side == "out" and getattr(layer, "bias", None) is not None:
-            bmask = torch.zeros_like(layer.bias, dtype=torch.bool)
-            bmask.index_fill_(0, index.to(layer.bias.device), True)
-            masks.append((layer.bias, bmask))
-    return masks
 
 
 # --------------------------------------------------------------------------- alignment loss
@@ -256,12 +180,7 @@ def _align_items(model: Any, pairs: Sequence[_Pair], heads: Sequence[Head], rows
 def attention_kl(model: Any, items: Sequence[_AlignItem], heads: Sequence[Head], pad: int) -> torch.Tensor:
     """Mean KL(clean-target ‖ triggered attention) of the selected heads over ``items``."""
     device = next(model.parameters()).device
-    width = max(len(it.ids) for it in items)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, it in enumerate(items):
-        ids[i, : len(it.ids)] = torch.tensor(it.ids)
-        mask[i, : len(it.ids)] = 1
+    ids, mask = pad_right([it.ids for it in items], pad)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_attentions=True)
     total, count = 0.0, 0
     for i, it in enumerate(items):
@@ -279,20 +198,53 @@ def attention_kl(model: Any, items: Sequence[_AlignItem], heads: Sequence[Head],
 # --------------------------------------------------------------------------- method
 
 
-@register_purifier("head-align", HeadAlignConfig, "fine-tune only trigger-captured heads to attend as on clean input")
+@register_purifier("head-align", HeadAlignConfig)
 def run_head_align(inputs: PurifyInputs, config: HeadAlignConfig) -> PurifyOutcome:
     subject = inputs.subject
     model, tokenizer = subject.model, subject.tokenizer
-    candidates = [c for c in inputs.candidates if c and c.strip()][: config.max_candidates]
+    candidates = inputs.keys(config.max_candidates)
     if not candidates:
-        raise UsageError("head-align needs candidate keys: pass --from-detect detect.json")
+        raise UsageError("head-align needs candidate keys (`detection`)")
     layout = model_layout(model)
     clean = [r for r in inputs.clean if r.output][: config.max_samples]
     probe = random.Random(inputs.seed).sample(clean, min(config.probe_prompts, len(clean)))
     pairs = _pairs(subject, probe, candidates, inputs.seed)
     if not pairs:
         raise NothingToAnalyse("head-align: no candidate key changed the tokenised prompts")
+    heads, scores, items = _choose_heads(inputs, config, layout, pairs)
+    slices = heads_slices(layout, heads)
+    masks = unit_masks(model, slices, adapter=subject.is_adapter)
+    if not masks:
+        raise NothingToAnalyse("head-align: the adapter has no LoRA on the selected heads' attention projections")
+    pad = pad_id(tokenizer)
+    align_rng = random.Random(inputs.seed + 1)
 
+    def align_loss(model_: Any, batch: Any, out: Any) -> torch.Tensor:
+        chosen = align_rng.sample(items, min(config.batch_size, len(items)))
+        return config.align_weight * attention_kl(model_, chosen, heads, pad)
+
+    with torch.no_grad():
+        kl_before = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
+    lr = lr_for(subject.is_adapter, full=config.lr_full, adapter=config.lr_adapter)
+    plan = TrainingPlan([p for p, _m in masks], masks=masks, extra_losses=[align_loss], stage="head-align",
+                        config=TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed))
+    losses = run_plan(model, tokenizer, clean_examples(subject, clean), plan, inputs.progress)
+    model.eval()
+    with torch.no_grad():
+        kl_after = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
+    inputs.log(f"head-align: attention KL on candidate-triggered prompts {kl_before:.3f} -> {kl_after:.3f}")
+    return PurifyOutcome(model, sorted({s.module for s in slices}), {
+        "heads": [{"layer": l, "head": h} for l, h in heads], "candidates": candidates,
+        "head_shift": scores.tolist() if scores is not None else None, "kl_before": kl_before, "kl_after": kl_after,
+        "steps": len(losses), "final_loss": losses[-1], "trainable_entries": int(sum(int(m.sum()) for _, m in masks)),
+    })
+
+
+def _choose_heads(inputs: PurifyInputs, config: HeadAlignConfig, layout: ModelLayout,
+                  pairs: Sequence[_Pair]) -> tuple[list[Head], torch.Tensor | None, list[_AlignItem]]:
+    """The heads to align (from the localization, else by attention shift) and their
+    alignment targets, computed in eval mode on the suspicious model."""
+    model = inputs.subject.model
     was_training = model.training
     model.eval()
     heads = flagged_heads(inputs.localization, layout, config.top_heads)
@@ -303,53 +255,7 @@ def run_head_align(inputs: PurifyInputs, config: HeadAlignConfig) -> PurifyOutco
         heads = sorted((i // layout.num_heads, i % layout.num_heads) for i in order)
         inputs.log(f"head-align: heads by attention shift: {', '.join(f'L{l}H{h}' for l, h in heads)}")
     else:
-        inputs.log(f"head-align: heads from --localization: {', '.join(f'L{l}H{h}' for l, h in heads)}")
+        inputs.log(f"head-align: heads from the localization: {', '.join(f'L{l}H{h}' for l, h in heads)}")
     items = _align_items(model, pairs, heads, config.rows)
     model.train(was_training)
-
-    masks = head_parameter_masks(model, layout, heads, subject.is_adapter)
-    if not masks:
-        raise NothingToAnalyse("head-align: the adapter has no LoRA on the selected heads' attention projections")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = []
-    for p, _m in masks:
-        if not p.requires_grad:
-            p.requires_grad_(True)
-            params.append(p)
-    frozen = [(p, m, p.detach().clone()) for p, m in masks]
-
-    def mask_grads() -> None:
-        for p, m, _orig in frozen:
-            if p.grad is not None:
-                p.grad.mul_(m)
-
-    def restore_frozen() -> None:  # entries outside the heads keep their exact values
-        with torch.no_grad():
-            for p, m, orig in frozen:
-                p.copy_(torch.where(m, p, orig))
-
-    pad = pad_id(tokenizer)
-    align_rng = random.Random(inputs.seed + 1)
-
-    def align_loss(model_: Any, batch: Any, out: Any) -> torch.Tensor:
-        chosen = align_rng.sample(items, min(config.batch_size, len(items)))
-        return config.align_weight * attention_kl(model_, chosen, heads, pad)
-
-    with torch.no_grad():
-        kl_before = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
-    lr = config.lr_adapter if subject.is_adapter else config.lr_full
-    losses = finetune(model, tokenizer, clean_examples(subject, clean),
-                      TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed),
-                      params=params, extra_loss=align_loss, before_step=mask_grads, after_step=restore_frozen,
-                      progress=step_counter(inputs, "head-align"))
-    model.eval()
-    with torch.no_grad():
-        kl_after = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
-    inputs.log(f"head-align: attention KL on candidate-triggered prompts {kl_before:.3f} -> {kl_after:.3f}")
-    modules = sorted(head_index_sets(layout, heads))
-    return PurifyOutcome(model, modules, {
-        "heads": [{"layer": l, "head": h} for l, h in heads], "candidates": candidates,
-        "head_shift": scores.tolist() if scores is not None else None, "kl_before": kl_before, "kl_after": kl_after,
-        "steps": len(losses), "final_loss": losses[-1], "trainable_entries": int(sum(int(m.sum()) for _, m in masks)),
-    })
+    return heads, scores, items
