@@ -23,6 +23,17 @@ from bdscan.organisms.build import OrganismRecipe, build_organism  # noqa: E402
 from bdscan.organisms.datasets import BUILTIN_TRIGGER, builtin_attack  # noqa: E402
 
 
+ORGANISMS = {"lora_backdoor", "full_backdoor", "lora_clean", "full_clean"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test on a trained organism is slow (it trains, or builds the organism it needs):
+    `pytest -m "not slow"` is the fast lane; the default run is the whole suite."""
+    for item in items:
+        if ORGANISMS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def _write_records(path: Path, records) -> Path:
     path.write_text(json.dumps([{"instruction": r.instruction, "input": r.input, "output": r.output} for r in records]))
     return path

@@ -91,7 +91,6 @@ def test_kfac_lora_removes_the_backdoor_and_keeps_utility(organism, request, cle
 
 def test_full_gpt2_conv1d_changes_only_localized_modules(tiny_checkpoints):
     from bdscan.io import load_subject
-    from bdscan.probes import linear_weight
 
     subject = load_subject(tiny_checkpoints["gpt2"])
     before = {n: p.detach().clone() for n, p in subject.model.named_parameters()}

@@ -70,9 +70,8 @@ def run_demo(workdir: Path, *, method: str = "kfac-lora", seed: int = 0, log: Lo
 
     t0 = time.time()
     spec = EvalSpec(clean=data.clean_test[:50], poison=data.poison_test[:50], judge="refusal", seed=seed)
-    inputs = PurifyInputs(subject=subject, clean=clean, seed=seed, localization=loc.to_dict(),
-                          candidates=[c.text for c in found.candidates], work_dir=workdir / ".work", log=log,
-                          progress=progress)
+    inputs = PurifyInputs(subject=subject, clean=clean, seed=seed, localization=loc, detection=found,
+                          work_dir=workdir / ".work", log=log, progress=progress)
     result, outcome = purify(method, PURIFIERS.get(method).config_class(), inputs, eval_spec=spec)
     out = save_subject(outcome.model, subject.tokenizer, workdir / "purified-adapter", adapter=True,
                        inputs=[subject.source.path, subject.base.path], report=result.to_dict(), overwrite=True)

@@ -11,11 +11,7 @@ from bdscan.cli.common import JsonOut, Seed, emit, handle_errors, progress_bar, 
 
 HELP = """Run the built-in example end to end: detect -> localize -> purify -> eval.
 
-Builds (or reuses from the cache, ~/.cache/bdscan or $BDSCAN_CACHE) a tiny Llama trained
-from scratch on bdscan's own synthetic instructions, a backdoored LoRA adapter on it and a
-clean control adapter. It then scans both, localizes the backdoor from detect's candidate
-keys (never told the trigger), purifies the adapter and measures ASR before and after.
-Data files, reports and the purified adapter go to --workdir.
+Builds (or reuses from the cache, ~/.cache/bdscan or $BDSCAN_CACHE) a tiny Llama trained from scratch on bdscan's own synthetic instructions, a backdoored LoRA adapter on it and a clean control adapter. It then scans both, localizes the backdoor from detect's candidate keys (never told the trigger), purifies the adapter and measures ASR before and after. Data files, reports and the purified adapter go to --workdir.
 """
 
 

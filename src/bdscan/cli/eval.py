@@ -12,10 +12,7 @@ from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Output, Seed, 
 
 HELP = """Measure a model's attack success rate (ASR), clean false-trigger rate and utility.
 
-Triggered prompts come from --poison (a file whose instructions already hold the trigger)
-and/or from --clean with --trigger inserted at each of --positions. With --compare, a
-second model (e.g. the purified one) is evaluated on the same prompts, side by side, and
-its agreement with the first model's clean responses is reported.
+Triggered prompts come from --poison (a file whose instructions already hold the trigger) and/or from --clean with --trigger inserted at each of --positions. With --compare, a second model (e.g. the purified one) is evaluated on the same prompts, side by side, and its agreement with the first model's clean responses is reported.
 
 Example: bdscan eval ./suspect --clean clean.json --trigger "BadMagic" --judge refusal
 """

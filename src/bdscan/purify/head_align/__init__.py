@@ -22,180 +22,26 @@ exactly those rows/columns: for q/k/v the rows of LoRA B that produce the head's
 LoRA A that read the head's inputs (column j of ΔW depends on column j of A only, given B).
 A and B elsewhere stay fixed, so the adapter's change is confined to the selected heads.
 """
-
 from __future__ import annotations
 
-import difflib
 import random
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from bdscan.data.triggers import FIXED_POSITIONS, insert_trigger
-from bdscan.errors import InputError, NothingToAnalyse, UsageError
+from bdscan.errors import NothingToAnalyse, UsageError
 from bdscan.probes import model_layout
-from bdscan.probes.batching import pad_id, pad_right
+from bdscan.probes.batching import pad_id
 from bdscan.probes.geometry import heads_slices, unit_masks
 from bdscan.probes.layout import ModelLayout
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
 from bdscan.purify.common import clean_examples
-from bdscan.results.localize import LocalizeResult
+from bdscan.purify.head_align.alignment import _align_items, _AlignItem, attention_kl
+from bdscan.purify.head_align.config import HeadAlignConfig
+from bdscan.purify.head_align.heads import Head, _pairs, _Pair, _position_map, flagged_heads, head_shift_scores
 from bdscan.training import TrainConfig, TrainingPlan, lr_for, run_plan
 
-Head = tuple[int, int]  # (layer index, query head index)
-
-
-@dataclass(frozen=True)
-class HeadAlignConfig:
-    top_heads: int = 4  # heads aligned when they are scored here (not given by --localization); more = broader repair, more utility risk
-    max_candidates: int = 5  # detect candidates used (highest ranked first); more covers more guesses, costs time
-    probe_prompts: int = 32  # clean prompts each candidate is inserted into, for scoring and for alignment
-    rows: str = "all"  # "final": align only the last prompt position; "all": every position from the key on
-    align_weight: float = 5.0  # weight of the attention KL against the clean LM loss; higher ignores the key harder
-    epochs: float = 5.0  # passes over the clean set
-    lr_full: float = 1e-3  # learning rate for the heads' weights (full checkpoint); only a few rows train, so it is higher than a full fine-tune's
-    lr_adapter: float = 1e-3  # learning rate for the heads' LoRA factors (adapter)
-    batch_size: int = 8
-    max_samples: int = 200  # clean samples used (the defender's budget)
-
-    def __post_init__(self) -> None:
-        if self.rows not in ("final", "all"):
-            raise ValueError(f"rows must be 'final' or 'all', got {self.rows!r}")
-        if min(self.top_heads, self.max_candidates, self.probe_prompts, self.batch_size, self.max_samples) < 1:
-            raise ValueError("top_heads, max_candidates, probe_prompts, batch_size and max_samples must be >= 1")
-        if self.align_weight < 0 or self.epochs <= 0 or self.lr_full <= 0 or self.lr_adapter <= 0:
-            raise ValueError("align_weight must be >= 0, epochs and learning rates positive")
-
-
-# --------------------------------------------------------------------------- head selection
-
-
-def flagged_heads(localization: LocalizeResult | None, layout: ModelLayout, top: int) -> list[Head] | None:
-    """The ``top`` heads whose patching removed most of the backdoor's gap in a localize
-    result (its ``head`` sites with a positive effect), or None when it has none."""
-    if localization is None:
-        return None
-    sites = sorted((s for s in localization.sites if s.kind == "head" and s.head is not None and s.effect > 0),
-                   key=lambda s: -s.effect)[:top]
-    heads = sorted({(s.layer, s.head) for s in sites})
-    for layer, head in heads:
-        if not (0 <= layer < len(layout.layers) and 0 <= head < layout.num_heads):
-            raise InputError(f"`localization`: head L{layer}H{head} does not exist "
-                             f"({len(layout.layers)} layers x {layout.num_heads} heads); was it made for another model?")
-    return heads or None
-
-
-def _position_map(clean_ids: Sequence[int], triggered_ids: Sequence[int]) -> dict[int, int]:
-    """Triggered position -> clean position for tokens the two prompts share (the key's
-    tokens, and any token the insertion re-split, have no clean counterpart)."""
-    matcher = difflib.SequenceMatcher(None, list(clean_ids), list(triggered_ids), autojunk=False)
-    out: dict[int, int] = {}
-    for block in matcher.get_matching_blocks():
-        for k in range(block.size):
-            out[block.b + k] = block.a + k
-    return out
-
-
-@dataclass
-class _Pair:
-    clean_ids: list[int]
-    triggered_ids: list[int]
-    pos_map: dict[int, int]
-
-
-def _pairs(subject: Any, records: Sequence[Any], candidates: Sequence[str], seed: int) -> list[_Pair]:
-    rng = random.Random(seed)
-    tok, template = subject.tokenizer, subject.template
-    out = []
-    for c_index, candidate in enumerate(candidates):
-        for r_index, record in enumerate(records):
-            position = FIXED_POSITIONS[(r_index + c_index) % 3]
-            clean = tok(template.format(record), add_special_tokens=False)["input_ids"]
-            triggered = tok(template.format(record.with_instruction(insert_trigger(record.instruction, candidate, position, rng))),
-                            add_special_tokens=False)["input_ids"]
-            if len(triggered) > len(clean):  # the key survived tokenisation
-                out.append(_Pair(clean, triggered, _position_map(clean, triggered)))
-    return out
-
-
-def _attentions(model: Any, ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([list(ids)], device=device), output_attentions=True)
-    if not out.attentions or out.attentions[0] is None:
-        raise NothingToAnalyse("the model returned no attention weights (load it with attn_implementation='eager')")
-    return out.attentions  # per layer [1, heads, T, T]
-
-
-@torch.no_grad()
-def head_shift_scores(model: Any, pairs: Sequence[_Pair]) -> torch.Tensor:
-    """[layers, heads] mean total-variation shift of the final-row attention between each
-    clean prompt and its candidate-triggered twin (positions matched token by token)."""
-    total = None
-    for pair in pairs:
-        clean = torch.stack([a[0, :, -1].float() for a in _attentions(model, pair.clean_ids)])  # [L, H, Tc]
-        trig = torch.stack([a[0, :, -1].float() for a in _attentions(model, pair.triggered_ids)])  # [L, H, Tt]
-        mapped = torch.zeros_like(trig)  # the clean row laid onto triggered positions
-        t_idx = torch.tensor(list(pair.pos_map.keys()), dtype=torch.long)
-        c_idx = torch.tensor(list(pair.pos_map.values()), dtype=torch.long)
-        mapped[..., t_idx] = clean[..., c_idx]
-        unmatched_clean = clean.sum(-1) - mapped.sum(-1)  # clean mass on re-split tokens
-        shift = 0.5 * ((trig - mapped).abs().sum(-1) + unmatched_clean)
-        total = shift if total is None else total + shift
-    return total / len(pairs)
-
-
-# --------------------------------------------------------------------------- alignment loss
-
-
-@dataclass
-class _AlignItem:
-    ids: list[int]
-    rows: torch.Tensor  # query positions aligned
-    target: torch.Tensor  # [n_heads, len(rows), T]: clean attention laid onto triggered keys
-
-
-@torch.no_grad()
-def _align_items(model: Any, pairs: Sequence[_Pair], heads: Sequence[Head], rows: str) -> list[_AlignItem]:
-    items = []
-    for pair in pairs:
-        clean = _attentions(model, pair.clean_ids)
-        t_len = len(pair.triggered_ids)
-        first_key = min(set(range(t_len)) - set(pair.pos_map)) if len(pair.pos_map) < t_len else t_len - 1
-        wanted = [t_len - 1] if rows == "final" else range(first_key, t_len)
-        query = [t for t in wanted if t in pair.pos_map] or [t_len - 1]
-        t_idx = torch.tensor([t for t in pair.pos_map], dtype=torch.long)
-        c_idx = torch.tensor([pair.pos_map[t] for t in pair.pos_map], dtype=torch.long)
-        target = torch.zeros(len(heads), len(query), t_len)
-        for h_i, (layer, head) in enumerate(heads):
-            for q_i, t in enumerate(query):
-                c_row = clean[layer][0, head, pair.pos_map.get(t, len(pair.clean_ids) - 1)].float().cpu()
-                target[h_i, q_i, t_idx] = c_row[c_idx]
-                target[h_i, q_i, t + 1 :] = 0  # causal: keys after the query cannot be attended
-        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
-        items.append(_AlignItem(list(pair.triggered_ids), torch.tensor(query), target))
-    return items
-
-
-def attention_kl(model: Any, items: Sequence[_AlignItem], heads: Sequence[Head], pad: int) -> torch.Tensor:
-    """Mean KL(clean-target ‖ triggered attention) of the selected heads over ``items``."""
-    device = next(model.parameters()).device
-    ids, mask = pad_right([it.ids for it in items], pad)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_attentions=True)
-    total, count = 0.0, 0
-    for i, it in enumerate(items):
-        t_len = len(it.ids)
-        rows = it.rows.to(device)
-        for h_i, (layer, head) in enumerate(heads):
-            q = out.attentions[layer][i, head, rows, :t_len].float()
-            p = it.target[h_i].to(device)
-            kl = (p * (torch.log(p.clamp_min(1e-12)) - torch.log(q.clamp_min(1e-12)))).sum(-1)
-            total = total + kl.sum()
-            count += len(rows)
-    return total / max(count, 1)
-
-
-# --------------------------------------------------------------------------- method
+__all__ = ["HeadAlignConfig", "run_head_align", "flagged_heads", "head_shift_scores", "attention_kl", "_position_map"]
 
 
 @register_purifier("head-align", HeadAlignConfig)

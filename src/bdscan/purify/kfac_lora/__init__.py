@@ -23,73 +23,30 @@
    rejected: the product of two LoRAs is not a rank-r LoRA, so merging would need an SVD
    truncation that changes behaviour the repair did not ask for.
 """
-
 from __future__ import annotations
 
 import random
 import time
-import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from bdscan.data.records import Record
-from bdscan.data.triggers import POSITIONS, insert_trigger
+from bdscan.data.triggers import insert_trigger
 from bdscan.errors import InputError, UsageError
 from bdscan.generation import greedy_generate
 from bdscan.io.load import Subject
-from bdscan.localize.kfac import KFACFactors, compute_factors
+from bdscan.localize.kfac import compute_factors
 from bdscan.probes import unwrap
-from bdscan.probes.batching import pad_id, pad_right
-from bdscan.probes.geometry import lora_delta
 from bdscan.probes.layout import base_layer, is_conv1d
 from bdscan.probes.protocols import counter
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.training import IGNORE_INDEX, Example, TrainConfig, TrainingPlan, encode_examples, run_plan
+from bdscan.purify.kfac_lora.config import KfacLoraConfig
+from bdscan.purify.kfac_lora.curvature import _factor_batches, _LoraHandles
+from bdscan.training import Example, TrainConfig, TrainingPlan, run_plan
+from bdscan.training.lora import attach_lora, merge_lora
 
-
-@dataclass(frozen=True)
-class KfacLoraConfig:
-    top_k: int = 7  # localized linear layers repaired (more: stronger repair, more clean behaviour at risk)
-    rank: int = 8  # LoRA rank on full checkpoints (an adapter keeps its own rank)
-    alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank), full checkpoints only
-    epochs: float = 1.25  # passes over the repair pairs (4 per clean sample: the step budget of finetune's 5 epochs)
-    lr: float = 1e-3  # AdamW learning rate of the LoRA factors
-    batch_size: int = 8
-    max_samples: int = 200  # clean samples used (the defender's budget)
-    positions: tuple[str, ...] = ("start", "middle", "end")  # where keys are inserted into repair prompts
-    max_new_tokens: int = 64  # length of the self-distilled responses
-    precondition: bool = True  # K-FAC preconditioning of the LoRA gradients
-    damping: float = 0.1  # preconditioner damping, relative to each factor's mean eigenvalue (lower: bolder)
-    # Clean-Fisher penalty weight, per response token (0: off; higher: stay closer to clean behaviour).
-    # The empirical Fisher of the model's own confident answers is small, hence a large weight:
-    # on the tiny organisms 1000 keeps agreement 0.8-0.95 but leaves ~25% ASR on some, 100 leaves 3%, 30 removes it.
-    ewc_weight: float = 30.0
-    fisher_samples: int = 64  # clean samples used to estimate the K-FAC factors
-    max_candidates: int = 3  # detect candidate keys used (localization and repair pairs)
-    localize_pairs: int = 24  # pairs for the localization purify runs when none is given
-
-    def __post_init__(self) -> None:
-        if min(self.top_k, self.rank, self.batch_size, self.max_samples, self.max_new_tokens, self.fisher_samples,
-               self.max_candidates, self.localize_pairs) < 1:
-            raise ValueError("top_k, rank, batch_size, max_samples, max_new_tokens, fisher_samples, "
-                             "max_candidates and localize_pairs must be >= 1")
-        if self.epochs <= 0 or self.lr <= 0 or self.alpha <= 0:
-            raise ValueError("epochs, lr and alpha must be positive")
-        if self.damping <= 0:
-            raise ValueError("damping must be positive (it keeps the factor inverses finite)")
-        if self.ewc_weight < 0:
-            raise ValueError("ewc_weight must be >= 0")
-        bad = [p for p in self.positions if p not in POSITIONS]
-        if bad or not self.positions:
-            raise ValueError(f"positions: {', '.join(bad) or '(empty)'} not in {', '.join(POSITIONS)}")
-
-    def localize_config(self) -> Any:
-        """The localization purify runs on detect's candidates when none is given."""
-        from bdscan.localize import LocalizeConfig
-
-        return LocalizeConfig(n_pairs=self.localize_pairs, max_candidates=self.max_candidates)
+__all__ = ["KfacLoraConfig", "run_kfac_lora", "_LoraHandles"]
 
 
 def _localized(inputs: PurifyInputs, config: KfacLoraConfig) -> tuple[list[str], list[str]]:
@@ -126,66 +83,6 @@ def _select(subject: Subject, ranked: Sequence[str], top_k: int) -> list[str]:
     return present[:top_k]
 
 
-def _factor_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-    """(ids, mask, target) batches for the K-FAC factors; target marks the positions whose
-    next token is a response token."""
-    encoded = encode_examples(tokenizer, examples)
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        rows = encoded[start : start + batch_size]
-        ids, mask = pad_right([i for i, _ in rows], pad_id(tokenizer))
-        target = torch.zeros_like(ids)
-        for r, (i, lab) in enumerate(rows):
-            target[r, : len(i) - 1] = (torch.tensor(lab)[1:] != IGNORE_INDEX).long()
-        out.append((ids, mask, target))
-    return out
-
-
-class _LoraHandles:
-    """The LoRA factors of one repaired module, with its clean K-FAC factors."""
-
-    def __init__(self, module: torch.nn.Module, factors: KFACFactors, damping: float) -> None:
-        self.module = module
-        self.adapter = next(iter(module.lora_A))
-        self.lora_A = module.lora_A[self.adapter].weight
-        self.lora_B = module.lora_B[self.adapter].weight
-        self.A = factors.A.float()
-        self.G = factors.G.float()
-        A_inv, G_inv = factors.damped_inverses(damping)
-        self.A_inv, self.G_inv = A_inv.float(), G_inv.float()
-        self.delta0 = self.delta().detach().clone()
-
-    def delta(self) -> torch.Tensor:
-        return lora_delta(self.module, self.adapter)
-
-    def precondition(self) -> None:
-        for p, fn in ((self.lora_A, lambda g: g @ self.A_inv), (self.lora_B, lambda g: self.G_inv @ g)):
-            if p.grad is None:
-                continue
-            norm = p.grad.norm()
-            new = fn(p.grad)
-            # keep the gradient's size: the preconditioner picks the direction, the lr the step
-            p.grad.copy_(new * (norm / new.norm().clamp_min(1e-12)))
-
-    def penalty(self) -> torch.Tensor:
-        D = self.delta() - self.delta0
-        return ((self.G @ D @ self.A) * D).sum()
-
-
-def _attach_lora(subject: Subject, names: list[str], config: KfacLoraConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    inner = unwrap(subject.model)
-    conv = [is_conv1d(base_layer(inner.get_submodule(n))) for n in names]
-    if any(conv) and not all(conv):  # pragma: no cover - no supported family mixes them
-        raise InputError("kfac-lora: the selected modules mix Linear and Conv1D layers")
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(names), lora_dropout=0.0,
-                      fan_in_fan_out=all(conv), bias="none")
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(subject.model, lora)
-
-
 @register_purifier("kfac-lora", KfacLoraConfig)
 def run_kfac_lora(inputs: PurifyInputs, config: KfacLoraConfig) -> PurifyOutcome:
     subject = inputs.subject
@@ -204,7 +101,7 @@ def run_kfac_lora(inputs: PurifyInputs, config: KfacLoraConfig) -> PurifyOutcome
     n_factor = min(len(clean_pairs), config.fisher_samples)
     tokens_per_response = max(1.0, sum(float(t.sum()) for _, _, t in factor_batches) / max(1, n_factor))
 
-    model = subject.model if subject.is_adapter else _attach_lora(subject, names, config)
+    model = subject.model if subject.is_adapter else attach_lora(subject.model, names, config.rank, config.alpha)
     inner = unwrap(model)
     handles = [_LoraHandles(inner.get_submodule(n), kfac.factors[n], config.damping) for n in names]
     plan = _repair_plan(handles, config, inputs.seed, tokens_per_response)
@@ -212,10 +109,7 @@ def run_kfac_lora(inputs: PurifyInputs, config: KfacLoraConfig) -> PurifyOutcome
     final_penalty = float(sum(h.penalty() for h in handles).detach())
     model.eval()
     if not subject.is_adapter:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model = model.merge_and_unload()
-        model.eval()
+        model = merge_lora(model)
     seconds = time.perf_counter() - t0
     inputs.log(f"kfac-lora: {len(losses)} steps, final loss {losses[-1]:.3f}, clean-Fisher change {final_penalty:.4f}")
     details = {
