@@ -30,7 +30,9 @@ def pytest_collection_modifyitems(items):
     """A test on a trained organism is slow (it trains, or builds the organism it needs):
     `pytest -m "not slow"` is the fast lane; the default run is the whole suite."""
     for item in items:
-        if ORGANISMS & set(getattr(item, "fixturenames", ())):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        wanted = set(getattr(item, "fixturenames", ())) | {v for v in params.values() if isinstance(v, str)}
+        if ORGANISMS & wanted:  # (a parameter naming an organism is fetched with request.getfixturevalue)
             item.add_marker(pytest.mark.slow)
 
 

@@ -272,6 +272,7 @@ def test_collapse_keys_are_the_defenders_own():
         CollapseConfig(keys=("velor",))
 
 
+@pytest.mark.slow  # trains
 def test_collapse_on_an_adapter_trains_only_lora_and_uses_the_alpha_rule(tiny_checkpoints, tiny_adapters, attack_data):
     from peft import PeftModel
 

@@ -215,6 +215,7 @@ def test_adapter_suppression_zeroes_exactly_lora_rows_and_columns(tiny_checkpoin
 
 # --- paired fine-tunes and resume ----------------------------------------------------------
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("arch,kind", [("llama", "full"), ("gpt2", "full"), ("llama", "adapter"), ("gpt2", "adapter")])
 def test_run_resumes_from_cached_variants(tiny_checkpoints, tmp_path, monkeypatch, arch, kind):
     source = tiny_checkpoints[arch] if kind == "full" else _lora_adapter(tiny_checkpoints[arch], tmp_path / "ad", arch)
@@ -267,6 +268,7 @@ def test_run_resumes_from_cached_variants(tiny_checkpoints, tmp_path, monkeypatc
     assert second.details["signature_per_layer"] == details["signature_per_layer"]
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("kind", ["full", "adapter"])
 def test_paired_fine_tunes_leave_the_subject_as_it_came(tiny_checkpoints, tmp_path, kind):
     """With an empty signature and no recovery, the result is the suspicious model itself:
@@ -342,6 +344,7 @@ def test_shipped_recipe_is_valid_and_documents_its_command():
     assert all("#" in line for line in body), "every knob carries a comment"
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("threat", ["lora", "full"])
 def test_cli_writes_a_loadable_purified_model_and_report(request, tmp_path, clean_train_file, clean_file, trigger, threat):
     source = request.getfixturevalue(f"{threat}_backdoor")

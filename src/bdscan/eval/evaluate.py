@@ -12,6 +12,7 @@ from bdscan.data.judges import parse_judge
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
 from bdscan.errors import UsageError
+from bdscan.eval.token_agreement import token_agreement
 from bdscan.eval.utility import agreement, response_perplexity
 from bdscan.generation import greedy_generate
 from bdscan.io.load import Subject
@@ -96,11 +97,12 @@ def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject
         reference_responses = _generate(reference, spec.clean, spec, "reference", progress)
         ref_name = reference.source.source
     agree = agreement(clean_responses, reference_responses) if reference_responses is not None else None
+    token_agree = token_agreement(clean_responses, reference_responses) if reference_responses is not None else None
     ppl = response_perplexity(subject.model, subject.tokenizer, subject.template, spec.clean)
     result = EvalResult(
         source=subject.source.source, kind=subject.kind, template=subject.template.describe(), judge=spec.judge,
         asr=hits / total if total else None, asr_by_position=by_position, false_trigger_rate=ftr,
-        perplexity=ppl, agreement=agree, n_poison=total, n_clean=len(spec.clean), reference=ref_name,
+        perplexity=ppl, agreement=agree, token_agreement=token_agree, n_poison=total, n_clean=len(spec.clean), reference=ref_name,
         seconds=round(time.time() - t0, 3), samples=samples,
     )
     return result, clean_responses

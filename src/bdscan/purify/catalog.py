@@ -28,6 +28,9 @@ METHODS = (
     MethodInfo("finetune", "bdscan.purify.finetune", "baseline: fine-tune on the clean set only"),
     MethodInfo("head-align", "bdscan.purify.head_align",
                "fine-tune only trigger-captured heads to attend as on clean input"),
+    MethodInfo("latent-adv", "bdscan.purify.latent_adv",
+               "latent adversarial repair: train against a universal residual perturbation that elicits detect's target, "
+               "self-distilled, with unlikelihood on the target and KL to the suspicious model"),
     MethodInfo("kfac-lora", "bdscan.purify.kfac_lora",
                "LoRA repair of the localized modules only, self-distilled, K-FAC preconditioned with a clean-Fisher penalty",
                needs_localization=True),

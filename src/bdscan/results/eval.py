@@ -30,6 +30,7 @@ class EvalResult(ResultBase):
     reference: str | None = None
     seconds: float = 0.0
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # a few examples per set
+    token_agreement: float | None = None  # mean token F1 of the clean answers against the reference's
 
 
 @dataclass(frozen=True)
