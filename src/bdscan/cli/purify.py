@@ -14,7 +14,7 @@ from bdscan.errors import UsageError
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
 
-Methods: signature (backdoor-signature suppression), kfac-lora (low-rank repair of the modules `bdscan localize` ranks), collapse, head-align, and the baselines finetune, prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
+Methods: latent-adv (latent adversarial repair against detect's target), signature (backdoor-signature suppression), kfac-lora (low-rank repair of the modules `bdscan localize` ranks; with --from-detect and no --localization purify localizes first), collapse, head-align, and the baselines finetune, prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
 
 Knobs come from the method's defaults, then --recipe YAML, then --set key=value. A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same base. OUT must not exist (or pass --overwrite) and may not be inside the input. With --poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity and agreement with the suspicious model are always measured. report.json goes in OUT.
 
