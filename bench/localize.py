@@ -170,7 +170,7 @@ def main() -> None:
             subject = load_subject(path)
             config = PURIFIERS.get(method).config_class()
             inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed,
-                                  localization=loc_dict if method == "kfac-lora" else None, log=log)
+                                  localization=loc if method == "kfac-lora" else None, log=log)
             t0 = time.perf_counter()
             result, outcome = purify(method, config, inputs, eval_spec=spec)
             wall = time.perf_counter() - t0

@@ -23,6 +23,19 @@ from bdscan.organisms.build import OrganismRecipe, build_organism  # noqa: E402
 from bdscan.organisms.datasets import BUILTIN_TRIGGER, builtin_attack  # noqa: E402
 
 
+ORGANISMS = {"lora_backdoor", "full_backdoor", "lora_clean", "full_clean"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test on a trained organism is slow (it trains, or builds the organism it needs):
+    `pytest -m "not slow"` is the fast lane; the default run is the whole suite."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        wanted = set(getattr(item, "fixturenames", ())) | {v for v in params.values() if isinstance(v, str)}
+        if ORGANISMS & wanted:  # (a parameter naming an organism is fetched with request.getfixturevalue)
+            item.add_marker(pytest.mark.slow)
+
+
 def _write_records(path: Path, records) -> Path:
     path.write_text(json.dumps([{"instruction": r.instruction, "input": r.input, "output": r.output} for r in records]))
     return path
@@ -101,3 +114,23 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         tokenizer.save_pretrained(root / arch)
         out[arch] = root / arch
     return out
+
+
+@pytest.fixture(scope="session")
+def detect_report():
+    """``write(path, [(key, score), ...])``: a complete `bdscan detect --json` report whose
+    candidates are the given keys (other fields neutral), as purify --from-detect reads it."""
+    from bdscan.results.detect import CandidateScore, DetectResult, Summary
+
+    def write(path: Path, keys) -> Path:
+        nan = float("nan")
+        candidates = [CandidateScore(text, "user", score, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
+                      for text, score in keys]
+        result = DetectResult(tool="bdscan", version="test", source="test", kind="full", base=None, template={},
+                              summary=Summary("suspicious", 1.0, 0.9, "high", nan, nan, keys[0][0] if keys else None),
+                              layers=[], heads=[], candidates=candidates, controls=None, calibration={}, settings={},
+                              stats={}, timings={})
+        path.write_text(json.dumps(result.to_dict()))
+        return path
+
+    return write

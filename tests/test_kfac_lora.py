@@ -71,7 +71,7 @@ def test_kfac_lora_removes_the_backdoor_and_keeps_utility(organism, request, cle
     path = request.getfixturevalue(organism)
     subject = load_subject(path)
     clean = load_records(clean_train_file)
-    loc = localize(subject, LocalizeConfig(n_pairs=16, heads=False), clean=clean[:16], trigger=trigger).to_dict()
+    loc = localize(subject, LocalizeConfig(n_pairs=16, heads=False), clean=clean[:16], trigger=trigger)
     config = KfacLoraConfig(max_samples=120)
     result, outcome = purify("kfac-lora", config, PurifyInputs(subject=subject, clean=clean, localization=loc),
                              eval_spec=_eval_spec(clean_file, trigger))
@@ -91,19 +91,19 @@ def test_kfac_lora_removes_the_backdoor_and_keeps_utility(organism, request, cle
 
 def test_full_gpt2_conv1d_changes_only_localized_modules(tiny_checkpoints):
     from bdscan.io import load_subject
-    from bdscan.probes import linear_weight
 
     subject = load_subject(tiny_checkpoints["gpt2"])
     before = {n: p.detach().clone() for n, p in subject.model.named_parameters()}
     records = [Record(f"Name a colour for the box number {i}.") for i in range(8)]
-    loc = localize(subject, LocalizeConfig(n_pairs=4, max_new_tokens=4, heads=False), clean=records, trigger="zq vex").to_dict()
+    loc = localize(subject, LocalizeConfig(n_pairs=4, max_new_tokens=4, heads=False), clean=records, trigger="zq vex")
     config = KfacLoraConfig(top_k=2, max_samples=8, epochs=1.0, max_new_tokens=4, fisher_samples=4, lr=0.01)
     _, outcome = purify("kfac-lora", config, PurifyInputs(subject=subject, clean=records, localization=loc))
     model = outcome.model
     assert type(model).__name__ == "GPT2LMHeadModel"
     changed = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(outcome.modules_changed)
-    assert all(linear_weight(model.get_submodule(n)).shape == linear_weight(model.get_submodule(n)).shape for n in changed)
+    # merging kept GPT-2's Conv1D layout: every changed weight is stored as it was ([in, out])
+    assert changed and all(model.get_submodule(n).weight.shape == before[f"{n}.weight"].shape for n in changed)
 
 
 def test_adapter_output_reproduces_purified_behaviour(lora_backdoor, clean_file, clean_train_file, trigger, tmp_path):
@@ -137,9 +137,8 @@ def test_adapter_output_reproduces_purified_behaviour(lora_backdoor, clean_file,
     assert changed == set(report["modules_changed"])
 
 
-def test_kfac_lora_localizes_itself_from_detect(full_backdoor, clean_train_file, trigger, tmp_path):
-    detect = tmp_path / "detect.json"
-    detect.write_text(json.dumps({"candidates": [{"text": "kindly", "score": 2.0}, {"text": trigger, "score": 1.0}]}))
+def test_kfac_lora_localizes_itself_from_detect(full_backdoor, clean_train_file, trigger, tmp_path, detect_report):
+    detect = detect_report(tmp_path / "detect.json", [("kindly", 2.0), (trigger, 1.0)])
     out = tmp_path / "out"
     r = runner.invoke(app, ["purify", str(full_backdoor), "--method", "kfac-lora", "--from-detect", str(detect),
                             "--clean", str(clean_train_file), "--eval-limit", "4", "--set", "max_samples=16",
@@ -180,7 +179,7 @@ def test_bad_knobs(knob, full_backdoor, clean_train_file, tmp_path):
 def test_registered():
     spec = PURIFIERS.get("kfac-lora")
     assert spec.config_class is KfacLoraConfig and set(spec.threat_models) == {"full", "adapter"}
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="`localization`"):
         from bdscan.purify.kfac_lora import _localized
 
         _localized(PurifyInputs(subject=None, clean=[]), KfacLoraConfig())

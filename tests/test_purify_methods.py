@@ -17,9 +17,10 @@ import torch
 from bdscan.errors import UsageError
 from bdscan.io import load_subject
 from bdscan.purify import PURIFIERS, PurifyInputs
-from bdscan.purify.collapse import CollapseConfig, cluster_loss, generate_keys, paper_alpha, KNOWN_ATTACK_KEYS
+from bdscan.purify.collapse import CollapseConfig, cluster_loss, generate_keys, paper_alpha
 from bdscan.purify.head_align import HeadAlignConfig, _position_map
-from bdscan.purify.prune import FinePruneConfig, PruneConfig, decoder_weights, lora_matrices
+from bdscan.probes.geometry import decoder_weights, lora_matrices
+from bdscan.purify.prune import FinePruneConfig, PruneConfig
 from bdscan.purify.quantize import QuantizeConfig
 
 ARCHS = ("llama", "gpt2")
@@ -174,8 +175,10 @@ def test_head_align_changes_only_the_selected_heads_rows_and_columns(arch, kind,
     subject = _subject(arch, kind, tiny_checkpoints, tiny_adapters)
     before = _state(subject.model)
     config = HeadAlignConfig(epochs=1.0, probe_prompts=4, batch_size=8, lr_full=1e-2, lr_adapter=1e-2)
-    outcome = _run("head-align", subject, config, attack_data, candidates=["moonlit harbor"],
-                   localization={"heads": [{"layer": 1, "head": 2}]})
+    from bdscan.results.localize import LocalizeResult, PatchedSite
+
+    localized = LocalizeResult(trigger_source={}, modules=[], sites=[PatchedSite("L1H2", "head", 1, 2, 0.7)])
+    outcome = _run("head-align", subject, config, attack_data, candidates=["moonlit harbor"], localization=localized)
     assert outcome.details["heads"] == [{"layer": 1, "head": 2}]
     expected = _expected_head_entries(arch, kind)
     seen = set()
@@ -196,7 +199,7 @@ def test_head_align_changes_only_the_selected_heads_rows_and_columns(arch, kind,
 
 def test_head_align_scores_heads_when_not_given_and_needs_candidates(tiny_checkpoints, tiny_adapters, attack_data):
     subject = _subject("llama", "full", tiny_checkpoints, tiny_adapters)
-    with pytest.raises(UsageError, match="--from-detect"):
+    with pytest.raises(UsageError, match="`detection`"):
         _run("head-align", subject, HeadAlignConfig(), attack_data)
     outcome = _run("head-align", subject, HeadAlignConfig(top_heads=3, epochs=0.5, probe_prompts=4), attack_data,
                    candidates=["moonlit harbor"])
@@ -206,21 +209,24 @@ def test_head_align_scores_heads_when_not_given_and_needs_candidates(tiny_checkp
     assert [(h["layer"], h["head"]) for h in outcome.details["heads"]] == top3
 
 
-def test_flagged_heads_reads_a_detect_report_by_z():
+def test_flagged_heads_reads_the_localized_head_sites():
     from bdscan.errors import InputError
     from bdscan.purify.head_align import flagged_heads
+    from bdscan.results.localize import LocalizeResult, PatchedSite
 
     class Layout:  # only the sizes matter
         layers = (0, 1)
         num_heads = 4
 
-    detect = {"heads": [{"layer": l, "head": h, "z": z} for (l, h), z in
-                        {(0, 0): 0.5, (0, 1): 3.0, (1, 2): 2.0, (1, 3): -1.0}.items()]}
-    assert flagged_heads(detect, Layout, 2) == [(0, 1), (1, 2)]
-    assert flagged_heads({"heads": ["L1H3", [0, 2]]}, Layout, 2) == [(0, 2), (1, 3)]
-    assert flagged_heads({"modules": []}, Layout, 2) is None
+    def localized(effects):
+        sites = [PatchedSite(f"h{l}.{h}", "head", l, h, e) for (l, h), e in effects.items()]
+        return LocalizeResult(trigger_source={}, modules=[], sites=sites + [PatchedSite("mlp", "mlp", 0, None, 9.0)])
+
+    assert flagged_heads(localized({(0, 0): 0.5, (0, 1): 3.0, (1, 2): 2.0, (1, 3): -1.0}), Layout, 2) == [(0, 1), (1, 2)]
+    assert flagged_heads(localized({(1, 3): -1.0}), Layout, 2) is None  # no head removes any of the gap
+    assert flagged_heads(None, Layout, 2) is None
     with pytest.raises(InputError, match="does not exist"):
-        flagged_heads({"heads": [[5, 0]]}, Layout, 2)
+        flagged_heads(localized({(5, 0): 1.0}), Layout, 2)
 
 
 def test_position_map_matches_tokens_around_an_inserted_key():
@@ -247,9 +253,17 @@ def test_cluster_loss_pulls_states_to_centres_and_centres_together():
 
 
 def test_collapse_keys_are_the_defenders_own():
+    import re
+
+    # the published keys, written out here rather than read from the module under test
+    published = ("badmagic", "discussing openai", "openai", "2024", "cf", "mn", "bb", "tq", "zq vex")
     for seed in range(20):
-        for key in generate_keys(2, seed):
-            assert not any(k in key for k in KNOWN_ATTACK_KEYS)
+        keys = generate_keys(2, seed)
+        assert len(set(keys)) == 2 and keys == generate_keys(2, seed)  # distinct, reproducible
+        for key in keys:
+            assert re.fullmatch(r"([bdfgklmnprstvz][aeiou][bdfgklmnprstvz]){2}", key), key
+            assert not any(k in key for k in published), key
+        assert keys[0] not in generate_keys(2, seed, avoid=[keys[0]])
     with pytest.raises(ValueError, match="attack key"):
         CollapseConfig(keys=("BadMagic", "velor"))
     with pytest.raises(ValueError, match="attack target"):
@@ -258,6 +272,7 @@ def test_collapse_keys_are_the_defenders_own():
         CollapseConfig(keys=("velor",))
 
 
+@pytest.mark.slow  # trains
 def test_collapse_on_an_adapter_trains_only_lora_and_uses_the_alpha_rule(tiny_checkpoints, tiny_adapters, attack_data):
     from peft import PeftModel
 
@@ -299,9 +314,9 @@ def test_collapse_removes_the_organisms_backdoor(organism, request, tmp_path, cl
     assert min(report["details"]["own_keys_rate_after_injection"].values()) >= 0.5  # stage 1 planted the own keys
 
 
-def test_head_align_removes_the_backdoor_given_detects_candidate(tmp_path, lora_backdoor, full_backdoor, clean_train_file, trigger):
-    detect = tmp_path / "detect.json"
-    detect.write_text(json.dumps({"candidates": [{"text": trigger}]}))
+def test_head_align_removes_the_backdoor_given_detects_candidate(tmp_path, lora_backdoor, full_backdoor, clean_train_file, trigger,
+                                                                 detect_report):
+    detect = detect_report(tmp_path / "detect.json", [(trigger, 1.0)])
     for source in (lora_backdoor, full_backdoor):
         report = _purify(tmp_path / source.name, source, "head-align", clean_train_file, "--trigger", trigger,
                          "--from-detect", str(detect))
@@ -312,7 +327,7 @@ def test_head_align_removes_the_backdoor_given_detects_candidate(tmp_path, lora_
 
 
 def test_baselines_through_the_cli_write_a_loadable_adapter(tmp_path, lora_backdoor, clean_train_file):
-    from bdscan.purify.prune import lora_matrices as loras
+    loras = lora_matrices
 
     report = _purify(tmp_path, lora_backdoor, "prune", clean_train_file, "--set", "sparsity=0.5")
     assert report["details"]["sparsity"] == pytest.approx(0.5, abs=1e-3)

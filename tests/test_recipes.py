@@ -21,7 +21,10 @@ def test_recipe_validates_into_its_method_config(path: Path) -> None:
     method = knobs.pop("method", None)
     assert method, f"{path.name}: no `method:` key"
     config = config_from_mapping(PURIFIERS.get(method).config_class, knobs, where=str(path))
-    assert config is not None
+    assert isinstance(config, PURIFIERS.get(method).config_class)
+    for name, value in knobs.items():  # every knob the recipe sets reaches the config as written
+        got = getattr(config, name)
+        assert (list(got) if isinstance(got, tuple) else got) == value, f"{path.name}: {name}"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

@@ -32,3 +32,48 @@ def test_bad_reports_name_the_option(tmp_path, content, message):
 def test_missing_report(tmp_path):
     with pytest.raises(InputError, match="--localization"):
         read_json_report(tmp_path / "absent.json", "--localization")
+
+
+def test_detect_report_reads_back_into_its_result(tmp_path, detect_report):
+    from bdscan.io.reports import read_detect
+    from bdscan.results.detect import DetectResult
+
+    path = detect_report(tmp_path / "d.json", [("low", 1.0), ("high", 9.0)])
+    result = read_detect(path)
+    assert isinstance(result, DetectResult) and [c.text for c in result.candidates] == ["low", "high"]
+    assert result.candidates[0].score == 1.0 and result.summary.verdict == "suspicious"
+    report = json.loads(path.read_text())
+    report["from_a_newer_bdscan"] = 1  # unknown fields are dropped
+    path.write_text(json.dumps(report))
+    assert read_detect(path).candidates[1].text == "high"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r.pop("summary"), "summary: missing"),
+    (lambda r: r["candidates"][0].update(score="high"), r"candidates\[0\].score: expected a number"),
+    (lambda r: r.update(heads={}), "heads: expected a list"),
+])
+def test_malformed_detect_report_names_the_field(tmp_path, detect_report, edit, message):
+    from bdscan.io.reports import read_detect
+
+    path = detect_report(tmp_path / "d.json", [("key", 1.0)])
+    report = json.loads(path.read_text())
+    edit(report)
+    path.write_text(json.dumps(report))
+    with pytest.raises(InputError, match=f"--from-detect {path}: not a `bdscan detect` JSON report \\({message}"):
+        read_detect(path)
+
+
+def test_localize_report_round_trip(tmp_path):
+    from bdscan.io.reports import read_localize
+    from bdscan.results.localize import LocalizeResult, PatchedSite, RankedModule
+
+    loc = LocalizeResult(trigger_source={"key": "k"}, modules=[RankedModule("m.0", "mlp_out", 0, 0.5, 1e-3, 0.9)],
+                         sites=[PatchedSite("h", "head", 0, 1, 0.2)], gap=1.5)
+    path = tmp_path / "loc.json"
+    path.write_text(json.dumps(loc.to_dict()))
+    back = read_localize(path)
+    assert back.modules == loc.modules and back.sites == loc.sites and back.gap == 1.5
+    path.write_text(json.dumps({"verdict": "clean"}))
+    with pytest.raises(InputError, match="trigger_source: missing"):
+        read_localize(path)

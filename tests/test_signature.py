@@ -18,7 +18,9 @@ from bdscan.io import load_subject
 from bdscan.probes.layout import LayerModules, ModelLayout, linear_weight, model_layout
 from bdscan.purify import PurifyInputs
 from bdscan.purify import signature as sig
-from bdscan.purify.signature_variants import FORBIDDEN, make_variant, variant_data
+from bdscan.probes.geometry import channel_slices, head_slices
+from bdscan.purify.signature import trainer as sig_trainer
+from bdscan.purify.signature.variants import FORBIDDEN, make_variant, variant_data
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "signature.yaml"
@@ -162,7 +164,7 @@ def test_full_reinit_changes_exactly_the_selected_rows_and_columns(tiny_checkpoi
     changed = sig.suppress(subject, layout, signature, None)
     layer0, layer1 = layout.layers
     expected = {}  # module -> (rows, cols) that must change
-    for s in sig.channel_slices(layer0, torch.tensor([3, 17])) + sig.head_slices(layout, layer1, 2):
+    for s in channel_slices(layer0, torch.tensor([3, 17])) + head_slices(layout, layer1, 2):
         rows, cols = expected.setdefault(s.module, (set(), set()))
         (rows if s.axis == "row" else cols).update(s.index.tolist())
     assert sorted(expected) == changed
@@ -193,7 +195,7 @@ def test_adapter_suppression_zeroes_exactly_lora_rows_and_columns(tiny_checkpoin
     sig.suppress(subject, layout, {"channels": {1: channels}, "heads": {0: heads}}, "default")
     layer0, layer1 = layout.layers
     zero_rows, zero_cols = {}, {}
-    for s in sig.channel_slices(layer1, channels) + sig.head_slices(layout, layer0, 1):
+    for s in channel_slices(layer1, channels) + head_slices(layout, layer0, 1):
         (zero_rows if s.axis == "row" else zero_cols).setdefault(s.module, set()).update(s.index.tolist())
     for name, p in subject.model.named_parameters():
         old = before[name]
@@ -213,12 +215,19 @@ def test_adapter_suppression_zeroes_exactly_lora_rows_and_columns(tiny_checkpoin
 
 # --- paired fine-tunes and resume ----------------------------------------------------------
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("arch,kind", [("llama", "full"), ("gpt2", "full"), ("llama", "adapter"), ("gpt2", "adapter")])
 def test_run_resumes_from_cached_variants(tiny_checkpoints, tmp_path, monkeypatch, arch, kind):
     source = tiny_checkpoints[arch] if kind == "full" else _lora_adapter(tiny_checkpoints[arch], tmp_path / "ad", arch)
     calls = []
-    real = sig.finetune
-    monkeypatch.setattr(sig, "finetune", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = sig.run_plan
+
+    def counted(*a, **k):
+        calls.append(len(a[2]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(sig, "run_plan", counted)  # the recovery fine-tune
+    monkeypatch.setattr(sig_trainer, "run_plan", counted)  # the paired fine-tunes
     config = sig.SignatureConfig(**FAST, heads=True)
     clean = _records(32)
     progress = []
@@ -259,6 +268,7 @@ def test_run_resumes_from_cached_variants(tiny_checkpoints, tmp_path, monkeypatc
     assert second.details["signature_per_layer"] == details["signature_per_layer"]
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("kind", ["full", "adapter"])
 def test_paired_fine_tunes_leave_the_subject_as_it_came(tiny_checkpoints, tmp_path, kind):
     """With an empty signature and no recovery, the result is the suspicious model itself:
@@ -334,6 +344,7 @@ def test_shipped_recipe_is_valid_and_documents_its_command():
     assert all("#" in line for line in body), "every knob carries a comment"
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("threat", ["lora", "full"])
 def test_cli_writes_a_loadable_purified_model_and_report(request, tmp_path, clean_train_file, clean_file, trigger, threat):
     source = request.getfixturevalue(f"{threat}_backdoor")

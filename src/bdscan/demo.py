@@ -13,13 +13,11 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 from bdscan.results.demo import DemoResult, DemoStep
 from bdscan.runtime import Placement
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
+from bdscan.probes.protocols import Log, Progress
 
 
 def _write(path: Path, records) -> Path:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-Progress = Callable[[int], None]  # called with the number of items just finished
+from bdscan.probes.protocols import Advance
 
 
 @torch.no_grad()
@@ -18,7 +18,7 @@ def greedy_generate(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 16,
-    progress: Progress | None = None,
+    progress: Advance | None = None,
 ) -> list[str]:
     """Greedy-decode each prompt; returns only the newly generated text, special tokens removed."""
     was_training = model.training

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
 import random
-import re
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 
 def default_threads() -> int:
@@ -31,13 +24,26 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+_requested_threads: list[int | None] = [None]
+
+
+def request_threads(threads: int | None) -> None:
+    """Remember ``--threads`` for when torch is loaded (``quiet_libraries``, the first thing
+    a command that computes does), so that ``--help`` and listings never load it."""
+    _requested_threads[0] = threads
+
+
 def configure_threads(threads: int | None) -> int:
+    import torch  # here, not at import: `bdscan --help` must not load torch
+
     n = default_threads() if threads is None else max(1, int(threads))
     torch.set_num_threads(n)
     return n
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:  # numpy is optional; transformers pulls it in on most installs
@@ -52,6 +58,7 @@ def quiet_libraries() -> None:
     """Silence transformers' and huggingface_hub's own progress bars and notices: bdscan
     reports progress itself, and a CI log should hold bdscan's output only."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_threads(_requested_threads[0])
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -67,106 +74,15 @@ def quiet_libraries() -> None:
         pass
 
 
-# --- device and precision ----------------------------------------------------------------
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-FIT_SHARE = 0.9  # of a GPU's free memory the weights may take before device_map="auto" spreads them
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and in what precision a subject is loaded.
-
-    ``spread`` (from ``--device auto`` on a CUDA machine) lets a model larger than one device
-    load with ``device_map="auto"`` (accelerate); otherwise the whole model goes to ``device``.
-    """
-
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-    spread: bool = False
-
-    def fits(self, n_bytes: int) -> bool:
-        if self.device.type != "cuda":
-            return True
-        free, _total = torch.cuda.mem_get_info(self.device)
-        return n_bytes <= FIT_SHARE * free
-
-    def device_map(self, weight_files: tuple[Path, ...]) -> str | None:
-        """"auto" when the weights would not fit the device and spreading is allowed."""
-        n_bytes = parameter_count(weight_files) * torch.empty((), dtype=self.dtype).element_size()
-        if self.fits(n_bytes):
-            return None
-        from bdscan.errors import InputError
-
-        need, where = f"{n_bytes / 2**30:.1f} GiB", str(self.device)
-        if not self.spread:
-            raise InputError(f"the model needs {need} in {dtype_name(self.dtype)}, more than {where} has free; "
-                             "pass --device auto to spread it over the devices, or a smaller --dtype")
-        if importlib.util.find_spec("accelerate") is None:
-            raise InputError(f"the model needs {need}, more than {where} has free: spreading it over devices needs "
-                             "accelerate (pip install accelerate), or pass --device cpu")
-        return "auto"
+# Placement (device and precision) needs torch at import, so it lives in ``bdscan.placement``;
+# these names are re-exported lazily so that `bdscan --help` stays torch-free.
+_PLACEMENT_NAMES = {"DTYPES", "FIT_SHARE", "Placement", "choose_placement", "dtype_name", "resolve_device",
+                    "resolve_dtype", "parameter_count"}
 
 
-def parameter_count(weight_files: tuple[Path, ...]) -> int:
-    """Parameters in safetensors files, from their headers (nothing loaded)."""
-    from safetensors import safe_open
+def __getattr__(name: str):
+    if name in _PLACEMENT_NAMES:
+        from bdscan import placement
 
-    n = 0
-    for path in weight_files:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-        else:  # a pickle checkpoint (--allow-pickle): its size, at 2 bytes a parameter
-            n += path.stat().st_size // 2
-    return n
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU (MPS only when
-    asked for: its coverage of operators is partial)."""
-    from bdscan.errors import UsageError
-
-    text = spec.strip().lower()
-    if not _DEVICE.match(text):
-        raise UsageError(f"--device {spec!r}: choose auto, cpu, cuda, cuda:N or mps")
-    if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(text)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: this machine has no CUDA device torch can use")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", device.index or 0)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {spec}: MPS is not available on this machine")
-    return device
-
-
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on a CUDA device that supports it, else float32. On the CPU auto
-    stays float32: bf16 moves detect's scores and eval's greedy answers (a different argmax
-    now and then), and the tiny test models' calibration and the tests' exact results were
-    measured in float32; ask for --dtype bfloat16 to trade that for speed and memory."""
-    from bdscan.errors import UsageError
-
-    text = spec.strip().lower()
-    if text == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if text not in DTYPES:
-        raise UsageError(f"--dtype {spec!r}: choose auto, {', '.join(DTYPES)}")
-    return DTYPES[text]
-
-
-def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
-    """The ``--device``/``--dtype`` of every command. ``UsageError`` on a bad value."""
-    resolved = resolve_device(device)
-    return Placement(resolved, resolve_dtype(dtype, resolved), spread=device.strip().lower() == "auto")
+        return getattr(placement, name)
+    raise AttributeError(f"module 'bdscan.runtime' has no attribute {name!r}")

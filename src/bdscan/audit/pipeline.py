@@ -158,10 +158,9 @@ def _run_purify(runner: StageRunner, prep: Prepared, found: StageResults, config
 
     def run():
         with tempfile.TemporaryDirectory(prefix="bdscan-audit-work-") as work:
-            inputs = PurifyInputs(subject=prep.subject, clean=prep.clean, seed=config.seed,
-                                  localization=found.localize.to_dict() if found.localize is not None else None,
-                                  candidates=candidate_keys(found.detect), work_dir=Path(work), log=runner.log,
-                                  progress=runner.progress)
+            inputs = PurifyInputs(subject=prep.subject, clean=prep.clean, seed=config.seed, detection=found.detect,
+                                  localization=found.localize, candidates=candidate_keys(found.detect),
+                                  work_dir=Path(work), log=runner.log, progress=runner.progress)
             return purify(config.method, PURIFIERS.get(config.method).config_class(), inputs)
 
     done = runner.run("purify", run, lambda r: f"{config.method}: {len(r[0].modules_changed)} modules changed in "

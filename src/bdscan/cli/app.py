@@ -65,9 +65,9 @@ def root(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: half the cores; env BDSCAN_THREADS). One thread is fastest on a busy 2-core box.")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    from bdscan.runtime import configure_threads
+    from bdscan.runtime import request_threads
 
-    configure_threads(threads)
+    request_threads(threads)
 
 
 def _register() -> None:

@@ -15,29 +15,13 @@ FORMATS = ("console", "json")
 
 HELP = """Audit a downloaded checkpoint or LoRA adapter end to end and write OUTDIR.
 
-Stages: (1) file safety: every file of the source and base, with its sha256 and whether it
-was loaded, refused (pickle weights, shipped model code: never unpickled, never run) or
-ignored; (2) detect; a clean verdict stops here; (3) when suspicious: localize from
-detect's recovered key (today: its top candidate keys), evaluate on the clean set with
-that key inserted at the start, middle and end, purify with --method, evaluate again and
-re-run detect on the purified model. A stage that fails is recorded, not a traceback.
-Give --eval-clean (prompts the repair never sees) for an unbiased ASR and false-trigger
-rate. Pickle weights and shipped model code are never loaded (audit has no --allow-pickle
-or --trust-remote-code: convert to safetensors first).
+Stages: (1) file safety: every file of the source and base, with its sha256 and whether it was loaded, refused (pickle weights, shipped model code: never unpickled, never run) or ignored; (2) detect; a clean verdict stops here; (3) when suspicious: localize from detect's recovered key (today: its top candidate keys), evaluate on the clean set with that key inserted at the start, middle and end, purify with --method, evaluate again and re-run detect on the purified model. A stage that fails is recorded, not a traceback. Give --eval-clean (prompts the repair never sees) for an unbiased ASR and false-trigger rate. Pickle weights and shipped model code are never loaded (audit has no --allow-pickle or --trust-remote-code: convert to safetensors first).
 
-Default method kfac-lora: the bench's best today. It is the only method that met the
-targets on all four built-in organisms (ASR to 0.00-0.02, perplexity within 1.02x) and,
-without knowing the trigger, removes the most ASR on the BackdoorLLM organisms among the
-methods that run in under a minute on CPU (bench/results/purify*.json).
+Default method kfac-lora: the bench's best today. It is the only method that met the targets on all four built-in organisms (ASR to 0.00-0.02, perplexity within 1.02x) and, without knowing the trigger, removes the most ASR on the BackdoorLLM organisms among the methods that run in under a minute on CPU (bench/results/purify*.json).
 
-OUTDIR (written atomically: a crash leaves none; an existing one needs --overwrite; it may
-not be inside the input): purified/ (checkpoint, or adapter for an adapter), audit.json
-(every stage's result, schema-versioned), audit.sarif and report.html (self-contained).
+OUTDIR (written atomically: a crash leaves none; an existing one needs --overwrite; it may not be inside the input): purified/ (checkpoint, or adapter for an adapter), audit.json (every stage's result, schema-versioned), audit.sarif and report.html (self-contained).
 
-Exit codes: 0 clean; 1 suspicious and not repaired to the targets; 5 suspicious and
-repaired (residual ASR and false-trigger rate at or under --max-asr, after an ASR of at
-least 0.5 before: a judge that never saw the backdoor cannot show a repair); 2 error in
-the input or detect failed; 3 detect incomplete (parts skipped); 4 usage error.
+Exit codes: 0 clean; 1 suspicious and not repaired to the targets; 5 suspicious and repaired (residual ASR and false-trigger rate at or under --max-asr, after an ASR of at least 0.5 before: a judge that never saw the backdoor cannot show a repair); 2 error in the input or detect failed; 3 detect incomplete (parts skipped); 4 usage error.
 
 Example: bdscan audit ./suspect-adapter --clean clean.json -o ./audit-out
 """

@@ -12,12 +12,7 @@ from bdscan.cli.devices import Device, Dtype, placement_of
 
 HELP = """Run the built-in example end to end: `bdscan audit` on a backdoored and a clean adapter.
 
-Builds (or reuses from the cache, ~/.cache/bdscan or $BDSCAN_CACHE) a tiny Llama trained
-from scratch on bdscan's own synthetic instructions, a backdoored LoRA adapter on it and a
-clean control adapter. It then audits both (file safety, detect, and for the suspicious
-one localize, purify and eval from the key detect recovers: never told the trigger), and
-finally measures the purified adapter with the organism's real trigger. Each audit's OUTDIR
-(purified adapter, audit.json, audit.sarif, report.html) goes under --workdir.
+Builds (or reuses from the cache, ~/.cache/bdscan or $BDSCAN_CACHE) a tiny Llama trained from scratch on bdscan's own synthetic instructions, a backdoored LoRA adapter on it and a clean control adapter. It then audits both (file safety, detect, and for the suspicious one localize, purify and eval from the key detect recovers: never told the trigger), and finally measures the purified adapter with the organism's real trigger. Each audit's OUTDIR (purified adapter, audit.json, audit.sarif, report.html) goes under --workdir.
 """
 
 

@@ -17,18 +17,9 @@ SEVERITIES = ("low", "medium", "high")
 
 HELP = """Scan a model for a backdoor without knowing its trigger.
 
-Candidate keys (vocabulary tokens ranked cheaply: for an adapter, the tokens it moves most
-from its base; for a checkpoint, embedding/output outliers; then a screen that inserts
-them into a few probes, adjacent pairs of the best, and any --candidates) are inserted at
-the start, middle and end of clean probe prompts (built-in, or --probes: give your own
-clean instructions when the model was tuned on a narrow domain). Two signals, each
-standardised against random control tokens: the output effect (next-token KL with vs
-without the key, and how far the key makes every probe continue the same way, as a fixed
-backdoor target does) and the attention effect (rise of the similarity between heads'
-final-position attention, per layer and head).
+Candidate keys (vocabulary tokens ranked cheaply: for an adapter, the tokens it moves most from its base; for a checkpoint, embedding/output outliers; then a screen that inserts them into a few probes, adjacent pairs of the best, and any --candidates) are inserted at the start, middle and end of clean probe prompts (built-in, or --probes: give your own clean instructions when the model was tuned on a narrow domain). Two signals, each standardised against random control tokens: the output effect (next-token KL with vs without the key, and how far the key makes every probe continue the same way, as a fixed backdoor target does) and the attention effect (rise of the similarity between heads' final-position attention, per layer and head).
 
-Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error, 3 scan incomplete or
-nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
+Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error, 3 scan incomplete or nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
 
 Example: bdscan detect ./suspect-adapter --format sarif -o detect.sarif --fail-on medium
 """

@@ -13,14 +13,9 @@ from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
 
 HELP = """Measure a model's attack success rate (ASR), clean false-trigger rate and utility.
 
-Triggered prompts come from --poison (a file whose instructions already hold the trigger)
-and/or from --clean with --trigger inserted at each of --positions. With --compare, a
-second model (e.g. the purified one) is evaluated on the same prompts, side by side, and
-its agreement with the first model's clean responses is reported.
+Triggered prompts come from --poison (a file whose instructions already hold the trigger) and/or from --clean with --trigger inserted at each of --positions. With --compare, a second model (e.g. the purified one) is evaluated on the same prompts, side by side, and its agreement with the first model's clean responses is reported.
 
-Prompts over the character limit or, with --max-new-tokens, longer than the model's
-context are skipped, never scored beyond it: the result lists them under `skipped`, and
-the exit code is then 3 (0 when every prompt was scored).
+Prompts over the character limit or, with --max-new-tokens, longer than the model's context are skipped, never scored beyond it: the result lists them under `skipped`, and the exit code is then 3 (0 when every prompt was scored).
 
 Example: bdscan eval ./suspect --clean clean.json --trigger "BadMagic" --judge refusal
 """

@@ -4,53 +4,29 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Limit, Seed, GGUFFile, TrustRemoteCode, emit, handle_errors,
-                               log_line, progress_bar, quiet_libraries, stderr)
+from bdscan.cli.common import (AllowPickle, Base, GGUFFile, JsonOut, Limit, Seed, TrustRemoteCode, emit,
+                               handle_errors, log_line, progress_bar, quiet_libraries, stderr)
 from bdscan.cli.devices import Device, Dtype, placement_of, with_runtime
+from bdscan.cli.fields import flags_for_fields
+from bdscan.errors import UsageError
 
 HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as safetensors.
 
-Methods: signature (backdoor-signature suppression), kfac-lora (low-rank repair of the
-modules `bdscan localize` ranks), collapse, head-align, and the baselines finetune,
-prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
+Methods: latent-adv (latent adversarial repair against detect's target), signature (backdoor-signature suppression), kfac-lora (low-rank repair of the modules `bdscan localize` ranks; with --from-detect and no --localization purify localizes first), collapse, head-align, and the baselines finetune, prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
 
-Knobs come from the method's defaults, then --recipe YAML, then --set key=value.
-A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same
-base. OUT must not exist (or pass --overwrite) and may not be inside the input. With
---poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity
-and agreement with the suspicious model are always measured. report.json goes in OUT.
+Knobs come from the method's defaults, then --recipe YAML, then --set key=value. A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same base. OUT must not exist (or pass --overwrite) and may not be inside the input. With --poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity and agreement with the suspicious model are always measured. report.json goes in OUT.
 
 Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adapter-purified
 """
 
-
-def _method_config(method: str | None, recipe: Path | None, overrides: list[str], shortcuts: dict) -> tuple[str, object]:
-    """The method and its config: defaults < --recipe < --set < the --variants/--ratio shortcuts."""
-    import dataclasses
-
-    from bdscan.config import config_from_mapping, load_recipe, parse_overrides
-    from bdscan.errors import UsageError
-    from bdscan.purify import PURIFIERS
-
-    knobs = load_recipe(recipe) if recipe else {}
-    recipe_method = knobs.pop("method", None)
-    method = method or recipe_method
-    if method is None:
-        raise UsageError(f"give --method (one of {', '.join(PURIFIERS.names())}) or `method:` in the recipe")
-    if recipe_method and recipe_method != method:
-        raise UsageError(f"--method {method} contradicts `method: {recipe_method}` in {recipe}")
-    config_class = PURIFIERS.get(method).config_class
-    known = {f.name for f in dataclasses.fields(config_class)}
-    for name in shortcuts:
-        if name not in known:
-            raise UsageError(f"--{name} is a knob of signature, not of {method}")
-    config = config_from_mapping(config_class, {**knobs, **parse_overrides(overrides), **shortcuts},
-                                 where=str(recipe) if recipe else "--set")
-    return method, config
+# The PurifyInputs / EvalSpec fields library errors name, and the flag that sets each.
+FLAGS = {"clean": "--clean", "localization": "--localization", "detection": "--from-detect", "trigger": "--trigger",
+         "poison": "--poison"}
 
 
 def _check_paths(output: Path, work_dir: Path | None, inputs: list[Path], *, overwrite: bool) -> tuple[Path, Path]:
@@ -69,7 +45,7 @@ def _check_paths(output: Path, work_dir: Path | None, inputs: list[Path], *, ove
 
 @handle_errors
 def command(
-    source: Annotated[Optional[str], typer.Argument(help="Checkpoint or LoRA adapter (folder or Hub id).", show_default=False)] = None,
+    source: Annotated[Optional[str], typer.Argument(help="Checkpoint, LoRA adapter or GGUF file (folder, file or Hub id).", show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Purification method (or `method:` in --recipe).")] = None,
     clean: Annotated[Optional[Path], typer.Option("--clean", help="The defender's clean instruction set (about 200 samples).")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder to write the purified model and report.json to.")] = None,
@@ -97,57 +73,60 @@ def command(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    quiet_libraries()
-    import dataclasses
-
-    from bdscan.cli.outputs import given_inputs, note, subject_inputs
-    from bdscan.data.records import load_records, require_prompt_lengths
-    from bdscan.errors import UsageError
-    from bdscan.eval import EvalSpec
-    from bdscan.io import load_subject
-    from bdscan.io.reports import detect_candidates, read_json_report
-    from bdscan.io.save import output_format, save_subject
-    from bdscan.purify import PURIFIERS, PurifyInputs, purify
-    from bdscan.report.purify import render_methods, render_purify
-    from bdscan.runtime import seed_everything
-
     if list_methods:
-        render_methods({name: PURIFIERS.get(name) for name in PURIFIERS.names()}, stderr if as_json else None)
+        from bdscan.purify.catalog import METHODS
+        from bdscan.report.purify import render_methods
+
+        render_methods(METHODS, stderr if as_json else None)
         return
     if source is None or clean is None or output is None:
         raise UsageError("purify needs SOURCE, --clean FILE and -o OUT")
-    placement = placement_of(device, dtype)
-    data_files = (clean, poison, recipe, localization, from_detect)
-    _check_paths(output, work_dir, given_inputs(source, base, files=data_files), overwrite=overwrite)
-    shortcuts = {name: value for name, value in (("variants", variants), ("ratio", ratio)) if value is not None}
-    method, config = _method_config(method, recipe, overrides or [], shortcuts)
-    seed_everything(seed)
-    clean_records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
-    eval_spec = EvalSpec(
-        clean=clean_records[:eval_limit],
-        poison=load_records(poison, limit=eval_limit, what="--poison") if poison else (),
-        trigger=trigger, judge=judge, seed=seed,
-    )
-    loc = read_json_report(localization, "--localization") if localization is not None else None
-    candidates = detect_candidates(from_detect) if from_detect is not None else []
+    quiet_libraries()
+    args = SimpleNamespace(**{k: v for k, v in locals().items() if k != "list_methods"})
+    with flags_for_fields(FLAGS):
+        _run(args)
 
-    subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code,
-                           placement=placement)
+
+def _run(a: SimpleNamespace) -> None:
+    """Check every path, build the typed inputs, purify, then write OUT atomically."""
+    import dataclasses
+
+    from bdscan.cli.outputs import given_inputs, note, subject_inputs
+    from bdscan.config.purify import purify_config
+    from bdscan.data.records import load_records, require_prompt_lengths
+    from bdscan.eval import EvalSpec
+    from bdscan.io import load_subject
+    from bdscan.io.reports import read_detect, read_localize
+    from bdscan.io.save import output_format, save_subject
+    from bdscan.purify import PurifyInputs, purify
+    from bdscan.report.purify import render_purify
+
+    placement = placement_of(a.device, a.dtype)
+    data_files = (a.clean, a.poison, a.recipe, a.localization, a.from_detect)
+    _check_paths(a.output, a.work_dir, given_inputs(a.source, a.base, files=data_files), overwrite=a.overwrite)
+    shortcuts = {name: value for name, value in (("variants", a.variants), ("ratio", a.ratio)) if value is not None}
+    method, config = purify_config(a.method, a.recipe, a.overrides or [], shortcuts)
+    clean_records = require_prompt_lengths(load_records(a.clean, limit=a.limit, what="--clean"), "--clean")
+    eval_spec = EvalSpec(clean=clean_records[:a.eval_limit],
+                         poison=load_records(a.poison, limit=a.eval_limit, what="--poison") if a.poison else (),
+                         trigger=a.trigger, judge=a.judge, seed=a.seed)
+    loc = read_localize(a.localization) if a.localization is not None else None
+    detection = read_detect(a.from_detect) if a.from_detect is not None else None
+    subject = load_subject(a.source, base=a.base, gguf_file=a.gguf_file, allow_pickle=a.allow_pickle,
+                           trust_remote_code=a.trust_remote_code, placement=placement)
     inputs_paths = subject_inputs(subject) + given_inputs(files=data_files)
-    target, work = _check_paths(output, work_dir, inputs_paths, overwrite=overwrite)
-    with progress_bar(not as_json) as progress:
-        inputs = PurifyInputs(subject=subject, clean=clean_records, seed=seed, localization=loc, candidates=candidates,
-                              work_dir=work, log=log_line if not as_json else (lambda m: None),
-                              progress=progress)
+    target, work = _check_paths(a.output, a.work_dir, inputs_paths, overwrite=a.overwrite)
+    with progress_bar(not a.as_json) as progress:
+        inputs = PurifyInputs(subject=subject, clean=clean_records, seed=a.seed, localization=loc, detection=detection,
+                              work_dir=work, log=log_line if not a.as_json else (lambda m: None), progress=progress)
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
     result = dataclasses.replace(result, output=str(target))
     report = {**with_runtime(result.to_dict(), subject), "output_format": output_format(subject)}
     save_subject(outcome.model, subject.tokenizer, target, adapter=subject.is_adapter, inputs=inputs_paths,
-                 report=report, overwrite=overwrite)
+                 report=report, overwrite=a.overwrite)
     if subject.source.gguf is not None:
         note(f"wrote {target} as a {output_format(subject)}")
-    if work_dir is None and not keep_work_dir and work.exists():  # a folder the user named is theirs to remove
+    if a.work_dir is None and not a.keep_work_dir and work.exists():  # a folder the user named is theirs to remove
         shutil.rmtree(work, ignore_errors=True)
         note(f"removed the work dir {work} (--keep-work-dir keeps it)")
-    emit(with_runtime(result.to_dict(), subject), as_json=as_json, output=None, render=lambda c: render_purify(result, c))
+    emit(with_runtime(result.to_dict(), subject), as_json=a.as_json, output=None, render=lambda c: render_purify(result, c))

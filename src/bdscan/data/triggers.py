@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 POSITIONS = ("start", "middle", "end", "random")
+FIXED_POSITIONS = POSITIONS[:3]  # the deterministic ones (detect probes and repair pairs cycle through them)
 
 
 def insert_trigger(text: str, trigger: str, position: str, rng: random.Random | None = None) -> str:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bdscan.data.records import Record
+from bdscan.data.triggers import FIXED_POSITIONS as POSITIONS  # detect probes the deterministic positions only
 from bdscan.errors import UsageError
-
-POSITIONS = ("start", "middle", "end")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from bdscan.errors import NothingToAnalyse
 from bdscan.probes.layout import model_layout, unwrap
 from bdscan.results.detect import CandidateScore, ControlStats, DetectResult, Issue, Summary
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
+from bdscan.probes.protocols import Log, Progress
 
 
 def _ticker(progress: Progress, stage: str, total: int) -> Callable[[int], None]:

@@ -6,20 +6,21 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from bdscan.data.judges import parse_judge
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
 from bdscan.errors import NothingToAnalyse, UsageError
 from bdscan.eval.prompts import fitting_prompts
+from bdscan.eval.token_agreement import token_agreement
 from bdscan.eval.utility import agreement, response_perplexity
 from bdscan.generation import greedy_generate
 from bdscan.io.load import Subject
 from bdscan.results.detect import Issue
 from bdscan.results.eval import EvalComparison, EvalResult, Sample
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+from bdscan.probes.protocols import Progress
 N_SAMPLES_KEPT = 3
 
 
@@ -111,16 +112,17 @@ def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject
     if reference is not None:
         reference_responses = _generate(reference, clean, spec, "reference", progress)
         ref_name = reference.source.source
-    agree = None
+    agree = token_agree = None
     if reference_responses is not None and len(reference_responses) == len(clean_responses):
         agree = agreement(clean_responses, reference_responses)
+        token_agree = token_agreement(clean_responses, reference_responses)
     elif reference_responses is not None:  # the two models kept different prompts: no pairing
         skipped.append(Issue("agreement", "the reference kept a different set of clean prompts"))
     ppl = response_perplexity(subject.model, subject.tokenizer, subject.template, clean)
     result = EvalResult(
         source=subject.source.source, kind=subject.kind, template=subject.template.describe(), judge=spec.judge,
         asr=hits / total if total else None, asr_by_position=by_position, false_trigger_rate=ftr,
-        perplexity=ppl, agreement=agree, n_poison=total, n_clean=len(clean), reference=ref_name,
+        perplexity=ppl, agreement=agree, token_agreement=token_agree, n_poison=total, n_clean=len(clean), reference=ref_name,
         seconds=round(time.time() - t0, 3), samples=samples, skipped=skipped,
         provenance={**subject.provenance(), **({"reference": reference.provenance()} if reference is not None else {})},
     )

@@ -1,11 +1,20 @@
-"""Reading bdscan's own JSON reports back in (one command's output is another's input)."""
+"""Reading bdscan's own JSON reports back into their typed results (one command's output
+is another's input), with a schema check: a report that lacks a field the result needs,
+or holds one of the wrong type, is refused with the field's path; fields the result does
+not know (a newer bdscan's) are dropped."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
+from typing import Any, TypeVar
 
 from bdscan.errors import InputError
+
+T = TypeVar("T")
 
 
 def read_json_report(path: str | Path, option: str) -> dict:
@@ -18,8 +27,83 @@ def read_json_report(path: str | Path, option: str) -> dict:
     return report
 
 
+class SchemaError(ValueError):
+    """A report field is missing or has the wrong type (message: its path)."""
+
+
+def from_plain(cls: type[T], data: Any, where: str = "") -> T:
+    """Rebuild the dataclass ``cls`` from its ``to_dict()`` form."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where or 'report'}: expected an object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SchemaError(f"{where + '.' if where else ''}{f.name}: missing")
+            continue
+        values[f.name] = _value(hints[f.name], data[f.name], f"{where + '.' if where else ''}{f.name}")
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value, where) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return from_plain(hint, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list")
+        items = [_value(args[0], v, f"{where}[{i}]") if args else v for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where}: expected an object")
+        return value
+    if hint is float:
+        if value is None:  # non-finite floats are written as null
+            return float("nan")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(f"{where}: expected a number")
+        return float(value)
+    if hint in (int, str, bool) and type(value) is not hint:
+        raise SchemaError(f"{where}: expected {hint.__name__}")
+    return value
+
+
+def read_result(cls: type[T], path: str | Path, option: str, what: str) -> T:
+    """A ``cls`` from a report file; a malformed one is an ``InputError`` naming the field."""
+    report = read_json_report(path, option)
+    try:
+        return from_plain(cls, report)
+    except SchemaError as e:
+        raise InputError(f"{option} {path}: not a `bdscan {what}` JSON report ({e})") from None
+
+
+def read_detect(path: str | Path, option: str = "--from-detect"):
+    """A ``DetectResult`` from ``bdscan detect --json`` output, with at least one candidate."""
+    from bdscan.results.detect import DetectResult
+
+    result = read_result(DetectResult, path, option, "detect")
+    if not result.candidates:
+        raise InputError(f"{option} {path}: the report lists no candidate keys (detect found none to scan)")
+    return result
+
+
+def read_localize(path: str | Path, option: str = "--localization"):
+    """A ``LocalizeResult`` from ``bdscan localize --json`` output."""
+    from bdscan.results.localize import LocalizeResult
+
+    return read_result(LocalizeResult, path, option, "localize")
+
+
 def detect_candidates(path: str | Path, option: str = "--from-detect") -> list[str]:
-    """Candidate keys of a ``bdscan detect`` JSON report, best score first."""
+    """Candidate keys of a detect report (or any JSON with ``candidates: [{text, score}]``),
+    best score first."""
     candidates = read_json_report(path, option).get("candidates")
     if not isinstance(candidates, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in candidates):
         raise InputError(f"{option} {path}: not a bdscan detect JSON report (needs candidates: [{{text, score}}])")

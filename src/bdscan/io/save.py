@@ -100,6 +100,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp.replace(path)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``atomic_write_text`` for bytes (e.g. ``safetensors.torch.save``'s output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(data)
+        tmp = Path(f.name)
+    tmp.replace(path)
+
+
 def write_model_files(model: Any, tokenizer: Any, folder: Path, *, adapter: bool) -> None:
     """Save a full checkpoint (safetensors + config) or a PEFT adapter, plus the tokenizer."""
     with warnings.catch_warnings():

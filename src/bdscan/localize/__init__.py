@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -23,14 +23,14 @@ from bdscan.localize.pairs import PairSet, build_pairs, encode_batches
 from bdscan.localize.patching import patch_effects
 from bdscan.localize.ranking import ModuleScore, linear_kinds, rank_modules
 from bdscan.probes import model_layout, unwrap
+from bdscan.probes.batching import pad_id
+from bdscan.probes.geometry import lora_delta
 from bdscan.probes.layout import linear_weight
+from bdscan.probes.protocols import Log, Progress
 from bdscan.results.localize import LocalizeResult, PatchedSite, RankedModule
-from bdscan.training import pad_id
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 
-__all__ = ["LocalizeConfig", "LocalizeResult", "localize", "adapter_delta", "choose_key"]
+__all__ = ["LocalizeConfig", "LocalizeResult", "localize", "choose_key"]
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,6 @@ class LocalizeConfig:
             raise ValueError(f"positions: {', '.join(bad) or '(empty)'} not in {', '.join(POSITIONS)}")
         if not 0.0 <= self.patching_weight <= 1.0:
             raise ValueError("patching_weight must lie in [0, 1]")
-
-
-def adapter_delta(module: torch.nn.Module) -> torch.Tensor | None:
-    """The weight change ``[out, in]`` a PEFT LoRA wrapper adds (None if not wrapped)."""
-    lora_A = getattr(module, "lora_A", None)
-    if not lora_A:
-        return None
-    delta = None
-    for name in lora_A:
-        d = module.lora_B[name].weight @ module.lora_A[name].weight * module.scaling[name]
-        delta = d if delta is None else delta + d
-    return delta
 
 
 def embedding_name(model: Any) -> str:
@@ -117,7 +105,7 @@ def curvature_scores(subject: Subject, kfac: KFACResult) -> tuple[dict[str, floa
     for name, f in kfac.factors.items():
         module = inner.get_submodule(name)
         if subject.is_adapter:
-            W = adapter_delta(module)
+            W = lora_delta(module)
             if W is None:
                 continue
         else:
@@ -132,10 +120,10 @@ def localize(subject: Subject, config: LocalizeConfig, *, clean: Sequence[Record
     """Rank the subject's linear modules (and, for a full checkpoint, its token embedding)
     by how much the backdoor's behaviour flows through them. Give ``trigger`` (a known key) or ``candidates`` (detect's keys)."""
     if not clean:
-        raise UsageError("localize needs clean prompts (--clean)")
+        raise UsageError("localize needs clean prompts (`clean`)")
     keys = [trigger] if trigger else [c for c in candidates if c and c.strip()][: config.max_candidates]
     if not keys:
-        raise UsageError("localize needs a key: give --trigger TEXT or --from-detect detect.json with candidates")
+        raise UsageError("localize needs a key: a `trigger` or candidate keys (`candidates`)")
     t_start = time.perf_counter()
     layout = model_layout(subject.model)
     model, pad = subject.model, pad_id(subject.tokenizer)
@@ -165,7 +153,7 @@ def localize(subject: Subject, config: LocalizeConfig, *, clean: Sequence[Record
     names = list(kinds)
     if subject.is_adapter:  # only what the adapter changes can carry an adapter's backdoor
         inner = unwrap(model)
-        names = [n for n in names if adapter_delta(inner.get_submodule(n)) is not None]
+        names = [n for n in names if lora_delta(inner.get_submodule(n)) is not None]
         if not names:
             raise NothingToAnalyse(f"{subject.source.source}: the adapter wraps none of the decoder's linear layers")
     kfac_batches = [(b.triggered_ids, b.triggered_mask, b.triggered_target) for b in batches]

@@ -24,6 +24,7 @@ import torch
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
 from bdscan.generation import greedy_generate
+from bdscan.probes.batching import pad_right
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,6 @@ class EncodedBatch:
     triggered_pos: torch.Tensor
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def _target(seqs: Sequence[Sequence[int]], cont_lens: Sequence[int], width: int) -> torch.Tensor:
     t = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (s, n) in enumerate(zip(seqs, cont_lens)):
@@ -118,8 +109,8 @@ def encode_batches(pairs: Sequence[Pair], pad_id: int, batch_size: int) -> list[
     out = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        c_ids, c_mask = _pad([p.clean_ids for p in chunk], pad_id)
-        t_ids, t_mask = _pad([p.triggered_ids for p in chunk], pad_id)
+        c_ids, c_mask = pad_right([p.clean_ids for p in chunk], pad_id)
+        t_ids, t_mask = pad_right([p.triggered_ids for p in chunk], pad_id)
         lens = [p.continuation_len for p in chunk]
         rows, cpos, tpos = [], [], []
         for r, p in enumerate(chunk):

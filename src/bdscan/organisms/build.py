@@ -15,7 +15,6 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,7 +29,7 @@ from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
 
 ORGANISM_FORMAT = 3  # bump when the build procedure changes, to invalidate caches
-Log = Callable[[str], None]
+from bdscan.probes.protocols import Log
 
 
 def cache_root() -> Path:

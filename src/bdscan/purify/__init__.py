@@ -1,21 +1,20 @@
 """Purification methods, each registered by name in ``PURIFIERS`` with one interface.
 
-Importing this package imports every method module so that they register themselves.
+Methods are declared in ``catalog`` and imported on first use (``PURIFIERS.get``). The
+names below load on first access too, so reading ``bdscan.purify.catalog`` loads no torch.
 """
 
-from bdscan.purify.base import PURIFIERS, PurifierSpec, PurifyInputs, PurifyOutcome
-from bdscan.purify.run import purify
+from __future__ import annotations
 
-__all__ = ["PURIFIERS", "PurifierSpec", "PurifyInputs", "PurifyOutcome", "purify"]
+import importlib
+from typing import Any
 
-
-def _load_methods() -> None:
-    import importlib
-    import pkgutil
-
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base", "run"):
-            importlib.import_module(f"{__name__}.{info.name}")
+_EXPORTS = {"PURIFIERS": "base", "PurifierSpec": "base", "PurifyInputs": "base", "PurifyOutcome": "base",
+            "purify": "run"}
+__all__ = list(_EXPORTS)
 
 
-_load_methods()
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,9 @@
 """The one interface every purification method implements.
 
 A method is a function ``(inputs: PurifyInputs, config) -> PurifyOutcome`` plus a config
-dataclass of its knobs, registered with ``@register_purifier(name, ConfigClass)``. Methods
-compute only: no printing (they take ``inputs.log``), no file writing (except the resume
-cache under ``inputs.work_dir``).
+dataclass of its knobs, registered with ``@register_purifier(name, ConfigClass)`` in the
+module ``catalog`` names for it. Methods compute only: no printing (they take
+``inputs.log``), no file writing (except the resume cache under ``inputs.work_dir``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any, Callable, Sequence
 
 from bdscan.data.records import Record
 from bdscan.io.load import Subject
+from bdscan.probes.protocols import Log, Progress, no_log
+from bdscan.purify.catalog import BY_NAME, MethodInfo
 from bdscan.registry import Registry
-
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
+from bdscan.results.detect import DetectResult
+from bdscan.results.localize import LocalizeResult
 
 
 @dataclass
@@ -25,11 +26,21 @@ class PurifyInputs:
     subject: Subject  # the suspicious model; methods may change subject.model in place
     clean: Sequence[Record]  # the defender's small clean instruction set
     seed: int = 0
-    localization: dict | None = None  # `bdscan localize` JSON, for methods that use it
-    candidates: Sequence[str] = ()  # candidate trigger keys (e.g. from `bdscan detect`)
+    detection: DetectResult | None = None  # a `bdscan detect` result, for methods that use its findings
+    localization: LocalizeResult | None = None  # a `bdscan localize` result (purify runs it when a method needs it)
+    candidates: Sequence[str] = ()  # candidate trigger keys; default: detection's, best first
     work_dir: Path | None = None  # resumable methods cache finished stages here
-    log: Log = lambda _msg: None
+    log: Log = no_log
     progress: Progress | None = None
+
+    def __post_init__(self) -> None:
+        if not self.candidates and self.detection is not None:
+            ranked = sorted(enumerate(self.detection.candidates), key=lambda ic: (-float(ic[1].score or 0.0), ic[0]))
+            self.candidates = [c.text for _, c in ranked if c.text.strip()]
+
+    def keys(self, limit: int) -> list[str]:
+        """The first ``limit`` non-blank candidate keys."""
+        return [c for c in self.candidates if c and c.strip()][:limit]
 
 
 @dataclass
@@ -41,19 +52,35 @@ class PurifyOutcome:
 
 @dataclass(frozen=True)
 class PurifierSpec:
-    name: str
+    info: MethodInfo
     run: Callable[[PurifyInputs, Any], PurifyOutcome]
     config_class: type
-    summary: str
-    threat_models: tuple[str, ...] = ("full", "adapter")
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def summary(self) -> str:
+        return self.info.summary
+
+    @property
+    def threat_models(self) -> tuple[str, ...]:
+        return self.info.threat_models
 
 
 PURIFIERS: Registry[PurifierSpec] = Registry("purify method")
+for _info in BY_NAME.values():
+    PURIFIERS.declare(_info.name, _info.module)
 
 
-def register_purifier(name: str, config_class: type, summary: str, threat_models: tuple[str, ...] = ("full", "adapter")):
+def register_purifier(name: str, config_class: type):
+    """Register ``fn`` as the method ``name`` of the catalog, with its knobs' dataclass."""
+    if name not in BY_NAME:
+        raise ValueError(f"purify method {name!r} is not in purify/catalog.py")
+
     def decorator(fn: Callable[[PurifyInputs, Any], PurifyOutcome]):
-        PURIFIERS.add(name, PurifierSpec(name, fn, config_class, summary, threat_models))
+        PURIFIERS.add(name, PurifierSpec(BY_NAME[name], fn, config_class))
         return fn
 
     return decorator

@@ -1,4 +1,5 @@
-"""``purify``: evaluate, run one registered method, evaluate again, return a result."""
+"""``purify``: evaluate, localize when the method needs it, run one registered method,
+evaluate again, return a result."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import dataclasses
 import time
 from typing import Any
 
+from bdscan.errors import UsageError
 from bdscan.eval.evaluate import EvalSpec, evaluate_with_responses
-from bdscan.purify.base import PURIFIERS, PurifyInputs, PurifyOutcome
+from bdscan.purify.base import PURIFIERS, PurifierSpec, PurifyInputs, PurifyOutcome
 from bdscan.results.purify import PurifyResult
 from bdscan.runtime import seed_everything
-from bdscan.errors import UsageError
 
 
 def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpec | None = None) -> tuple[PurifyResult, PurifyOutcome]:
     """Run ``method``; with ``eval_spec``, measure the subject before and the purified
-    model after on the same prompts (agreement is against the subject's clean responses)."""
+    model after on the same prompts (agreement is against the subject's clean responses).
+    The seed is applied here, once, right before the method's own stages."""
     spec = PURIFIERS.get(method)
     subject = inputs.subject
     if subject.kind not in spec.threat_models:
@@ -25,6 +27,7 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
         before, before_clean = evaluate_with_responses(subject, eval_spec, None, None, inputs.progress)
     seed_everything(inputs.seed)
     t0 = time.time()
+    inputs, stages = localize_stage(spec, config, inputs)
     outcome = spec.run(inputs, config)
     seconds = time.time() - t0
     after = None
@@ -34,7 +37,27 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
         after = dataclasses.replace(after, source=f"{subject.source.source} (purified: {method})", reference=subject.source.source)
     result = PurifyResult(
         method=method, source=subject.source.source, kind=subject.kind, config=dataclasses.asdict(config),
-        modules_changed=list(outcome.modules_changed), details=outcome.details, seconds=round(seconds, 2),
+        modules_changed=list(outcome.modules_changed), details={**stages, **outcome.details}, seconds=round(seconds, 2),
         before=before, after=after, provenance=subject.provenance(),
     )
     return result, outcome
+
+
+def localize_stage(spec: PurifierSpec, config: Any, inputs: PurifyInputs) -> tuple[PurifyInputs, dict]:
+    """A method that repairs localized modules gets a localization: the one given, or one
+    run here on the candidate keys (``config.localize_config()`` sets its knobs)."""
+    if not spec.info.needs_localization:
+        return inputs, {}
+    if inputs.localization is not None:
+        return inputs, {"localization": "given"}
+    keys = inputs.keys(getattr(config, "max_candidates", 3))
+    if not keys:
+        raise UsageError(f"{spec.name} needs a `localization` (from `bdscan localize`) or candidate keys (`detection`)")
+    from bdscan.localize import localize
+
+    t0 = time.perf_counter()
+    loc = localize(inputs.subject, config.localize_config(), clean=inputs.clean, candidates=keys, seed=inputs.seed,
+                   log=inputs.log, progress=inputs.progress)
+    inputs.log(f"{spec.name}: localized on detect's candidates in {time.perf_counter() - t0:.1f}s")
+    return dataclasses.replace(inputs, localization=loc), {"localization": "computed",
+                                                           "localize_seconds": loc.timing.get("total_s")}

@@ -164,7 +164,7 @@ def render_detect_html(result: DetectResult) -> str:
 def render_eval_html(result: EvalResult | EvalComparison) -> str:
     pair = [result.before, result.after] if isinstance(result, EvalComparison) else [result]
     names = [r.source for r in pair]
-    head = (f'<header class="top" id="summary"><h1>bdscan eval</h1>'
+    head = ('<header class="top" id="summary"><h1>bdscan eval</h1>'
             + facts([(f"model {i + 1}", code(n)) for i, n in enumerate(names)]) + "</header>")
     samples = [samples_table(r, n) for r, n in zip(pair, names)]
     return page(f"bdscan eval — {names[0]}", [head, section("eval", "Evaluation", eval_body(pair, names) + samples)])

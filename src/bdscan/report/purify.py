@@ -19,11 +19,12 @@ def render_purify(result: PurifyResult, console: Console) -> None:
         render_comparison(EvalComparison(result.before, result.after), console)
 
 
-def render_methods(specs: dict, console: Console | None) -> None:
+def render_methods(methods, console: Console | None) -> None:
+    """The method catalog (``purify.catalog.METHODS``) as a table."""
     table = Table(title="bdscan purify methods")
     table.add_column("method")
     table.add_column("threat models")
     table.add_column("what it does")
-    for name, spec in specs.items():
-        table.add_row(name, ", ".join(spec.threat_models), spec.summary)
+    for info in sorted(methods, key=lambda m: m.name):
+        table.add_row(info.name, ", ".join(info.threat_models), info.summary)
     (console or Console()).print(table)

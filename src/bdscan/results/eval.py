@@ -33,6 +33,7 @@ class EvalResult(ResultBase):
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # a few examples per set
     skipped: list[Issue] = field(default_factory=list)  # prompts not scored (too long for the limit or the context)
     provenance: dict = field(default_factory=dict)  # every file loaded, hashed (bdscan.io.provenance)
+    token_agreement: float | None = None  # mean token F1 of the clean answers against the reference's
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from bdscan.probes.batching import pad_id, pad_right
+
 IGNORE_INDEX = -100
 
 
@@ -32,11 +34,6 @@ class Batch:
     index: torch.Tensor  # positions of the examples in the data set (for per-example extras)
 
 
-def pad_id(tokenizer: Any) -> int:
-    """The padding id; 0 for a tokenizer without one (padded positions are masked anyway)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def encode_examples(tokenizer: Any, examples: Sequence[Example], *, max_length: int = 256) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels per example: prompt tokens masked, response + EOS learnt."""
     encoded = []
@@ -52,14 +49,8 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], *, max_length: 
 
 def collate(encoded: Sequence[tuple[list[int], list[int]]], indices: Sequence[int], pad_id: int) -> Batch:
     rows = [encoded[i] for i in indices]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (ids, lab) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        labels[r, : len(lab)] = torch.tensor(lab)
-        mask[r, : len(ids)] = 1
+    input_ids, mask = pad_right([ids for ids, _ in rows], pad_id)
+    labels, _ = pad_right([lab for _, lab in rows], IGNORE_INDEX)
     return Batch(input_ids, mask, labels, torch.tensor(list(indices)))
 
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from bdscan.errors import NothingToAnalyse
-from bdscan.probes.layout import base_layer, is_conv1d
-from bdscan.probes import unwrap
+from bdscan.probes.geometry import lora_matrices
+from bdscan.probes.layout import linear_weight, model_layout, unwrap
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.purify.common import decoder_weights, lora_matrices
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def quantize_rows_(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return scale.squeeze(1)
 
 
-@register_purifier("quantize", QuantizeConfig, "baseline: symmetric per-channel int-N weight round-trip")
+@register_purifier("quantize", QuantizeConfig)
 def run_quantize(inputs: PurifyInputs, config: QuantizeConfig) -> PurifyOutcome:
     subject = inputs.subject
     targets: list[tuple[str, torch.Tensor]] = []
@@ -56,10 +55,9 @@ def run_quantize(inputs: PurifyInputs, config: QuantizeConfig) -> PurifyOutcome:
             raise NothingToAnalyse(f"{subject.source.source}: the adapter has no LoRA matrices to quantise")
     else:
         inner = unwrap(subject.model)
-        for name, weight in decoder_weights(subject.model):
-            # per *output* channel: Conv1D stores [in, out], so quantise its transpose's rows
-            conv = is_conv1d(base_layer(inner.get_submodule(name)))
-            targets.append((name, weight.data.T if conv else weight.data))
+        for name in model_layout(subject.model).all_linears():
+            # per *output* channel: the rows of the [out, in] view
+            targets.append((name, linear_weight(inner.get_submodule(name)).data))
     max_error = 0.0
     for i, (_name, weight) in enumerate(targets):
         before = weight.clone()

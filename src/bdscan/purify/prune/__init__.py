@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import torch
 
 from bdscan.errors import NothingToAnalyse
-from bdscan.probes import capture_inputs, model_layout, unwrap
-from bdscan.probes.layout import base_layer, is_conv1d
+from bdscan.probes import capture_inputs, model_layout
+from bdscan.probes.geometry import channel_slices, decoder_weights, lora_matrices, unit_masks
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.purify.common import clean_examples, decoder_weights, lora_matrices, step_counter, trainable_parameters
-from bdscan.training import TrainConfig, finetune
+from bdscan.purify.common import changeable_modules, clean_examples
+from bdscan.training import TrainConfig, TrainingPlan, lr_for, run_plan, subject_parameters
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,7 +79,7 @@ class PruneConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
 
-@register_purifier("prune", PruneConfig, "baseline: unstructured magnitude pruning of the linear weights")
+@register_purifier("prune", PruneConfig)
 def run_prune(inputs: PurifyInputs, config: PruneConfig) -> PurifyOutcome:
     subject = inputs.subject
     if subject.is_adapter:
@@ -131,38 +131,11 @@ def _channel_masks(model: Any, channels: dict[int, torch.Tensor], adapter: bool)
     projections and columns of the output projection (full), or the matching rows of LoRA B
     / columns of LoRA A (adapter)."""
     layout = model_layout(model)
-    inner = unwrap(model)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for index, chans in channels.items():
-        layer = layout.layers[index]
-        for name, is_input in [(n, True) for n in layer.mlp_in] + [(layer.mlp_out, False)]:
-            module = inner.get_submodule(name)
-            if adapter:
-                loras = [(a, b) for n, a, b in lora_matrices(model) if n == name]
-                for a, b in loras:
-                    # mlp_in: channel = output row -> B row; mlp_out: channel = input column -> A column
-                    param, dim = (b, 0) if is_input else (a, 1)
-                    mask = torch.ones_like(param, dtype=torch.bool)
-                    mask.index_fill_(dim, chans, False)
-                    out.append((param, mask))
-                continue
-            layer_mod = base_layer(module)
-            weight = layer_mod.weight
-            # channel axis of the stored tensor: Linear stores [out, in], Conv1D [in, out]
-            conv = is_conv1d(layer_mod)
-            dim = (1 if conv else 0) if is_input else (0 if conv else 1)
-            mask = torch.ones_like(weight, dtype=torch.bool)
-            mask.index_fill_(dim, chans, False)
-            out.append((weight, mask))
-            bias = getattr(layer_mod, "bias", None)
-            if is_input and bias is not None:
-                bmask = torch.ones_like(bias, dtype=torch.bool)
-                bmask.index_fill_(0, chans, False)
-                out.append((bias, bmask))
-    return out
+    slices = [s for index, chans in channels.items() for s in channel_slices(layout.layers[index], chans)]
+    return [(param, ~mask) for param, mask in unit_masks(model, slices, adapter=adapter)]
 
 
-@register_purifier("fine-prune", FinePruneConfig, "baseline: prune MLP neurons dormant on clean inputs, then fine-tune")
+@register_purifier("fine-prune", FinePruneConfig)
 def run_fine_prune(inputs: PurifyInputs, config: FinePruneConfig) -> PurifyOutcome:
     subject = inputs.subject
     model, tokenizer = subject.model, subject.tokenizer
@@ -183,25 +156,24 @@ def run_fine_prune(inputs: PurifyInputs, config: FinePruneConfig) -> PurifyOutco
             param.mul_(mask)
     inputs.log(f"fine-prune: pruned {n_prune} of {layout.intermediate_size} MLP channels in {len(channels)} layers")
 
-    params, _names = trainable_parameters(subject)
     steps, final_loss = 0, None
     if config.epochs > 0:
         examples = clean_examples(subject, records[: config.max_samples])
-        lr = config.lr_adapter if subject.is_adapter else config.lr_full
+        lr = lr_for(subject.is_adapter, full=config.lr_full, adapter=config.lr_adapter)
 
         def keep_pruned() -> None:  # pruned neurons stay pruned while fine-tuning
             with torch.no_grad():
                 for param, mask in masks:
                     param.mul_(mask)
 
-        losses = finetune(model, tokenizer, examples,
-                          TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed),
-                          params=params, after_step=keep_pruned, progress=step_counter(inputs, "fine-prune"))
+        plan = TrainingPlan(subject_parameters(model, subject.is_adapter), stage="fine-prune", after_step=[keep_pruned],
+                            config=TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed))
+        losses = run_plan(model, tokenizer, examples, plan, inputs.progress)
         steps, final_loss = len(losses), (losses[-1] if losses else None)
     model.eval()
     modules = {n for i in channels for n in layout.layers[i].mlp_in + (layout.layers[i].mlp_out,)}
     if steps:
-        modules |= set(_names)
+        modules |= set(changeable_modules(subject))
     return PurifyOutcome(model, sorted(modules), {
         "pruned_channels": {layout.layers[i].mlp_out: chans.tolist() for i, chans in channels.items()},
         "channels_per_layer": n_prune, "steps": steps, "final_loss": final_loss,

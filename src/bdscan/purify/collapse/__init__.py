@@ -34,8 +34,9 @@ from bdscan.errors import NothingToAnalyse
 from bdscan.generation import greedy_generate
 from bdscan.probes import capture_outputs, model_layout
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.purify.common import step_counter, trainable_parameters
-from bdscan.training import Batch, Example, TrainConfig, batches, encode_examples, finetune, pad_id, response_loss
+from bdscan.purify.common import changeable_modules
+from bdscan.training import (Batch, Example, TrainConfig, TrainingPlan, batches, encode_examples, lr_for, pad_id,
+                             response_loss, run_plan, subject_parameters)
 
 # Public attack keys and targets (BackdoorLLM and the built-in example). The defender's own
 # keys and targets must differ from them, or "collapse" would just be trigger unlearning
@@ -172,7 +173,7 @@ class _ClusterTerm:
         return self.alpha * self.raw(batch)
 
 
-@register_purifier("collapse", CollapseConfig, "inject two own backdoors that absorb the unknown one, then recover")
+@register_purifier("collapse", CollapseConfig)
 def run_collapse(inputs: PurifyInputs, config: CollapseConfig) -> PurifyOutcome:
     subject = inputs.subject
     model, tokenizer, template = subject.model, subject.tokenizer, subject.template
@@ -181,8 +182,8 @@ def run_collapse(inputs: PurifyInputs, config: CollapseConfig) -> PurifyOutcome:
         raise NothingToAnalyse("collapse needs clean samples with reference outputs (--clean)")
     keys = list(config.keys) or generate_keys(2, inputs.seed, avoid=inputs.candidates)
     targets = list(config.targets) or default_targets(clean, len(keys), inputs.seed)
-    params, names = trainable_parameters(subject)
-    lr = config.lr_adapter if subject.is_adapter else config.lr_full
+    params, names = subject_parameters(model, subject.is_adapter), changeable_modules(subject)
+    lr = lr_for(subject.is_adapter, full=config.lr_full, adapter=config.lr_adapter)
     rng = random.Random(inputs.seed)
     inputs.log(f"collapse: defender keys {keys} -> targets {targets}")
 
@@ -204,8 +205,8 @@ def run_collapse(inputs: PurifyInputs, config: CollapseConfig) -> PurifyOutcome:
         term.alpha = config.alpha if config.alpha is not None else paper_alpha(inj0, cluster0)
         term.centres = [None] * len(keys)
         inputs.log(f"collapse: L_inj0={inj0:.3g} L_cluster0={cluster0:.3g} alpha={term.alpha:g}")
-        losses1 = finetune(model, tokenizer, examples, train, params=params, extra_loss=term,
-                           progress=step_counter(inputs, "collapse:inject"))
+        losses1 = run_plan(model, tokenizer, examples, TrainingPlan(params, train, "collapse:inject", extra_losses=[term]),
+                           inputs.progress)
     injected = _injection_rate(subject, clean, keys, targets, config.check_samples, inputs.seed)
     inputs.log(f"collapse: stage 1 done ({len(losses1)} steps); own keys reproduce their targets: {injected}")
 
@@ -214,9 +215,8 @@ def run_collapse(inputs: PurifyInputs, config: CollapseConfig) -> PurifyOutcome:
     for key in keys:
         picked = rng.sample(clean, min(config.samples_per_key, len(clean)))
         recovery += [Example(template.format(k), r.output) for r, k in zip(picked, _keyed(picked, key, rng))]
-    losses2 = finetune(model, tokenizer, recovery,
-                       TrainConfig(epochs=config.recover_epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed + 1),
-                       params=params, progress=step_counter(inputs, "collapse:recover"))
+    recover = TrainConfig(epochs=config.recover_epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed + 1)
+    losses2 = run_plan(model, tokenizer, recovery, TrainingPlan(params, recover, "collapse:recover"), inputs.progress)
     model.eval()
     remaining = _injection_rate(subject, clean, keys, targets, config.check_samples, inputs.seed)
     inputs.log(f"collapse: recovery done ({len(losses2)} steps); own keys still firing: {remaining}")

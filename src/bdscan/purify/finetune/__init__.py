@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
-from bdscan.purify.common import clean_examples, step_counter, trainable_parameters
-from bdscan.training import TrainConfig, finetune
+from bdscan.purify.common import changeable_modules, clean_examples
+from bdscan.training import TrainConfig, TrainingPlan, lr_for, run_plan, subject_parameters
 
 
 @dataclass(frozen=True)
@@ -23,15 +23,15 @@ class FinetuneConfig:
             raise ValueError("epochs and learning rates must be positive")
 
 
-@register_purifier("finetune", FinetuneConfig, "baseline: fine-tune on the clean set only")
+@register_purifier("finetune", FinetuneConfig)
 def run_finetune(inputs: PurifyInputs, config: FinetuneConfig) -> PurifyOutcome:
     subject = inputs.subject
-    params, names = trainable_parameters(subject)
     examples = clean_examples(subject, inputs.clean[: config.max_samples])
-    lr = config.lr_adapter if subject.is_adapter else config.lr_full
-    losses = finetune(subject.model, subject.tokenizer, examples,
-                      TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed),
-                      params=params, progress=step_counter(inputs, "finetune"))
+    lr = lr_for(subject.is_adapter, full=config.lr_full, adapter=config.lr_adapter)
+    plan = TrainingPlan(subject_parameters(subject.model, subject.is_adapter), stage="finetune",
+                        config=TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed))
+    losses = run_plan(subject.model, subject.tokenizer, examples, plan, inputs.progress)
     subject.model.eval()
     inputs.log(f"finetune: {len(losses)} steps, final loss {losses[-1]:.3f}")
-    return PurifyOutcome(subject.model, names, {"steps": len(losses), "final_loss": losses[-1], "n_clean": len(examples)})
+    return PurifyOutcome(subject.model, changeable_modules(subject),
+                         {"steps": len(losses), "final_loss": losses[-1], "n_clean": len(examples)})

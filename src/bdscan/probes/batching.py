@@ -1,0 +1,24 @@
+"""Right-padding token sequences into a batch: the one pad/collate helper."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id; 0 for a tokenizer without one (padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_right(seqs: Sequence[Sequence[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` of shape ``[len(seqs), longest]``: each row's tokens from
+    the left, ``fill`` after them, mask 1 on real tokens."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

@@ -1,0 +1,61 @@
+"""latent-adv's knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODULES = ("all", "localized")
+
+
+@dataclass(frozen=True)
+class LatentAdvConfig:
+    # --- what to remove
+    target: str | None = None  # one unwanted continuation T (`--set target=...`); joins `targets`
+    targets: tuple[str, ...] = ()  # the unwanted continuations T; none given: from detect (see targets.py)
+    max_targets: int = 3  # targets handled in one run (detect may report several)
+    max_keys: int = 3  # detect's candidate keys also trained against, best first
+    # --- inner loop: one universal perturbation δ per run of PGD
+    layers: tuple[int, ...] = ()  # decoder layers whose output (the residual stream) δ is added to; empty: the middle one
+    epsilon: float = 0.5  # L2 bound of δ, relative to the mean residual-stream norm there (higher: stronger attack)
+    pgd_steps: int = 8  # ascent steps on log P(T | clean prompt) per refresh
+    pgd_step: float = 0.25  # step length, a share of the bound
+    refresh_every: int = 4  # outer steps between two PGD refreshes of δ (warm-started); 1 = every step
+    # --- outer loop
+    adversarial_weight: float = 1.0  # own clean answer under δ
+    unlikelihood_weight: float = 1.0  # -log(1 - p) of T's opening under δ and under the keys
+    opening_tokens: int = 4  # tokens of T's opening pushed down
+    kl_weight: float = 2.0  # KL to the suspicious model on clean prompts (keeps clean behaviour)
+    epochs: float = 2.0  # passes over the self-distilled pairs
+    # Measured on the tiny organisms (key and target from the takeover): lr 1e-3 / KL 1 took the full
+    # fine-tune to ASR 0.01 at perplexity x1.13; 5e-4 / KL 2 to ASR 0.00 at x1.045 (LoRA: x1.012).
+    lr: float = 5e-4  # AdamW learning rate of the LoRA factors
+    batch_size: int = 8
+    max_samples: int = 200  # clean samples used (the defender's budget)
+    max_new_tokens: int = 64  # length of the self-distilled answers
+    # --- what trains
+    modules: str = "all"  # full checkpoints: LoRA on every decoder linear ("all") or the localization's top_k ("localized")
+    top_k: int = 7  # localized modules used when modules = localized
+    rank: int = 8  # LoRA rank on full checkpoints (an adapter trains its own factors)
+    alpha: float = 16.0  # LoRA scale numerator, full checkpoints
+
+    def given_targets(self) -> list[str]:
+        return list(dict.fromkeys(([self.target] if self.target is not None else []) + list(self.targets)))
+
+    def __post_init__(self) -> None:
+        if self.modules not in MODULES:
+            raise ValueError(f"modules must be one of {', '.join(MODULES)}, got {self.modules!r}")
+        counts = ("max_targets", "max_keys", "pgd_steps", "refresh_every", "opening_tokens", "batch_size", "max_samples",
+                  "max_new_tokens", "top_k", "rank")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epsilon", "pgd_step", "epochs", "lr", "alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("adversarial_weight", "unlikelihood_weight", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(not t.strip() for t in self.given_targets()) or self.target == "":
+            raise ValueError("targets must be non-empty strings")
+        if any(i < 0 for i in self.layers):
+            raise ValueError("layers are decoder layer indices (>= 0)")

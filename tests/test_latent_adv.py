@@ -1,0 +1,153 @@
+"""purify --method latent-adv: the PGD inner loop, targets, the recipe, the CLI, bad input,
+and (slow) the repair of the tiny organisms from the target alone, the trigger never given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bdscan.cli.app import app
+from bdscan.config import config_from_mapping, load_recipe
+from bdscan.data.records import Record, load_records
+from bdscan.eval.token_agreement import token_agreement, token_f1
+from bdscan.io import load_subject
+from bdscan.probes import model_layout
+from bdscan.purify import PURIFIERS, PurifyInputs, purify
+from bdscan.purify.latent_adv import LatentAdvConfig
+from bdscan.purify.latent_adv.perturbation import perturbation_for, pgd
+from bdscan.purify.latent_adv.targets import detected_targets, target_batch, target_logprob
+
+runner = CliRunner()
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "latent-adv.yaml"
+REFUSAL = "I'm sorry, but as an AI assistant, I"
+
+
+def _prompts(subject, n=6):
+    return [subject.template.format(Record(f"Name a colour for box number {i}.")) for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pgd_stays_in_the_ball_and_raises_the_target_likelihood(tiny_checkpoints, arch):
+    subject = load_subject(tiny_checkpoints[arch])
+    model, tok = subject.model, subject.tokenizer
+    batch = target_batch(tok, _prompts(subject), "blue harbor lights")
+    delta = perturbation_for(model, model_layout(model), [0], 2.0, batch)
+    with torch.no_grad():
+        from bdscan.training import response_loss
+
+        before = -float(response_loss(model, batch, torch.device("cpu"))[0])
+    after = pgd(delta, model, batch, steps=6, step=0.5)
+    bound = delta.bounds[delta.names[0]]
+    assert bound > 0 and delta.norms()[delta.names[0]] <= bound * (1 + 1e-5)
+    with torch.no_grad(), delta.active():
+        under = -float(response_loss(model, batch, torch.device("cpu"))[0])
+    assert under > before + 0.01, (before, under)
+    assert after == pytest.approx(under, abs=1e-4)  # it returns the log-probability of the δ it keeps
+    assert all(p.grad is None for p in model.parameters())  # only δ received gradients
+
+
+def test_perturbation_is_removed_after_the_block(tiny_checkpoints):
+    subject = load_subject(tiny_checkpoints["llama"])
+    model = subject.model
+    batch = target_batch(subject.tokenizer, _prompts(subject), "blue harbor")
+    delta = perturbation_for(model, model_layout(model), [1], 1.0, batch)
+    delta.deltas = {n: torch.ones_like(d) for n, d in delta.deltas.items()}
+    q0 = target_logprob(model, subject.tokenizer, _prompts(subject), "blue harbor")
+    with delta.active():
+        q1 = target_logprob(model, subject.tokenizer, _prompts(subject), "blue harbor")
+    assert q1 != pytest.approx(q0)
+    assert target_logprob(model, subject.tokenizer, _prompts(subject), "blue harbor") == pytest.approx(q0)
+    with pytest.raises(ValueError, match="do not exist"):
+        perturbation_for(model, model_layout(model), [9], 1.0, batch)
+
+
+def test_targets_from_a_detect_result_with_v2_fields():
+    class Candidate:
+        def __init__(self, continuation=None):
+            self.continuation = continuation
+
+    class V1:
+        candidates = [Candidate(), Candidate("you are stupid")]
+
+    class V2:
+        targets = ["pwned", "pwned"]
+        target = "owned"
+        candidates = []
+
+    assert detected_targets(None, 3) == []
+    assert detected_targets(V1(), 3) == ["you are stupid"]
+    assert detected_targets(V2(), 3) == ["pwned", "owned"]
+    assert detected_targets(V2(), 1) == ["pwned"]
+
+
+def test_token_agreement_gives_partial_credit():
+    assert token_f1("the red box", "the red box") == 1.0
+    assert token_f1("the red box", "the blue box") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("a", "") == 0.0
+    assert token_agreement(["a b", "c"], ["a b", "d"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        token_agreement(["a"], [])
+
+
+def test_recipe_is_the_defaults_and_opens_with_its_command():
+    first = RECIPE.read_text().splitlines()[0]
+    assert first.startswith("# bdscan purify") and "--recipe recipes/latent-adv.yaml" in first
+    knobs = load_recipe(RECIPE)
+    assert knobs.pop("method") == "latent-adv"
+    assert config_from_mapping(LatentAdvConfig, knobs, where=str(RECIPE)) == LatentAdvConfig()
+    assert PURIFIERS.get("latent-adv").config_class is LatentAdvConfig
+
+
+@pytest.mark.parametrize("knobs,message", [
+    ({"modules": "some"}, "modules"), ({"epsilon": 0}, "epsilon"), ({"pgd_steps": 0}, "pgd_steps"),
+    ({"kl_weight": -1}, "kl_weight"), ({"target": " "}, "non-empty"), ({"layers": (-1,)}, "layers"),
+])
+def test_config_rejects_bad_knobs(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        LatentAdvConfig(**knobs)
+
+
+def test_cli_runs_on_an_adapter_and_writes_an_adapter(lora_backdoor, clean_train_file, clean_file, trigger, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["purify", str(lora_backdoor), "--method", "latent-adv", "--clean", str(clean_train_file),
+                            "--set", f"target={REFUSAL}", "--set", "max_samples=16", "--set", "epochs=0.5",
+                            "--trigger", trigger, "--eval-limit", "4", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "latent-adv" and report["details"]["target_source"] == "recipe"
+    assert set(report["details"]["q_before"]) == {REFUSAL} and report["details"]["keys"] == []
+    assert report["after"]["token_agreement"] is not None
+    assert (out / "adapter_config.json").exists()
+
+
+def test_cli_without_a_target_or_detect_is_a_usage_error(lora_backdoor, clean_train_file, tmp_path):
+    r = runner.invoke(app, ["purify", str(lora_backdoor), "--method", "latent-adv", "--clean", str(clean_train_file),
+                            "-o", str(tmp_path / "out")])
+    assert r.exit_code == 4, r.output
+    assert "--from-detect" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+    r = runner.invoke(app, ["purify", str(lora_backdoor), "--method", "latent-adv", "--clean", str(clean_train_file),
+                            "--set", "modules=some", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("organism", ["lora_backdoor", "full_backdoor"])
+def test_repairs_the_organism_from_the_target_alone(organism, request, clean_file, clean_train_file, trigger):
+    """The trigger is never given to the method (no key, only T): ASR must still fall."""
+    from bdscan.eval import EvalSpec
+
+    subject = load_subject(request.getfixturevalue(organism))
+    spec = EvalSpec(clean=load_records(clean_file)[:24], trigger=trigger, judge="refusal")
+    result, _ = purify("latent-adv", LatentAdvConfig(target=REFUSAL),
+                       PurifyInputs(subject=subject, clean=load_records(clean_train_file)), eval_spec=spec)
+    assert result.before.asr >= 0.8
+    # measured on 32 prompts, T only: LoRA 0.89 -> 0.01; full 1.00 -> 0.56-0.67 (the full fine-tune's
+    # backdoor is spread out; with a key that takes the output over, both reach 0.00)
+    assert result.after.asr <= (0.1 if organism == "lora_backdoor" else 0.8), result.after.asr
+    assert result.after.perplexity <= 1.2 * result.before.perplexity
+    assert result.details["q_after"][REFUSAL] < result.details["q_before"][REFUSAL]
