@@ -53,6 +53,20 @@ def trigger_rank(tokenizer, trigger: str, candidates: list[str], top: int = 10) 
     return None
 
 
+def target_match(tokenizer, inverted_ids: list[int] | None, task: str | None, n: int = 3) -> bool | None:
+    """Whether the inverted target's first ``n`` tokens are the true target's (None: no true target)."""
+    from bdscan.organisms.datasets import TARGETS
+
+    if task not in TARGETS:
+        return None
+    if not inverted_ids:
+        return False
+    truth = tokenizer(TARGETS[task], add_special_tokens=False)["input_ids"][:n]
+    if list(inverted_ids[:n]) == truth:
+        return True
+    return tokenizer.decode(list(inverted_ids[:n])).strip() == tokenizer.decode(truth).strip()
+
+
 def plain_forward_seconds(subject, result, config) -> float:
     """Time plain forward passes (no attention capture, no scoring) over prompt sets of the
     same number and kind as the scan ran: clean probes, the screen, the full scan."""
@@ -134,6 +148,12 @@ def main() -> int:
     parser.add_argument("--probes", default="data",
                         help="'data': the attack data's clean test instructions (the defender's clean set); "
                              "'builtin': the package's generic probes; or a probe file")
+    parser.add_argument("--stability-seeds", type=int, default=0,
+                        help="detect seeds per reported organism for verdict stability (>= 10 to report it)")
+    parser.add_argument("--stability-only", default=None,
+                        help="comma-separated label substrings: run the stability seeds on these organisms only")
+    parser.add_argument("--no-invert", action="store_true", help="v1 only (takeover), for the cost comparison")
+    parser.add_argument("--answer-anchor", action="store_true", help="also invert after clean answers (its cost)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect.json"))
     args = parser.parse_args()
@@ -146,6 +166,8 @@ def main() -> int:
     from bdscan.data.records import load_records
     from bdscan.detect import DetectConfig, detect
     from bdscan.detect import calibration as cal
+    from bdscan.detect import verdict as ver
+    from dataclasses import replace
     from bdscan.io import load_subject
     from bdscan.organisms.build import build_organism, organism_info
 
@@ -158,7 +180,7 @@ def main() -> int:
         probes = ()
     else:
         probes = tuple(load_records(args.probes))
-    config = DetectConfig(probes=probes)
+    config = DetectConfig(probes=probes, invert=not args.no_invert, answer_anchor=args.answer_anchor)
     if sum(not r.backdoored for r in reported) < 6:
         console.print("[yellow]fewer than 6 clean controls in the reported set: raise --seeds or --archs[/]")
 
@@ -173,7 +195,16 @@ def main() -> int:
         plain = plain_forward_seconds(subject, result, config)
         info = organism_info(path)
         texts = [c.text for c in result.candidates]
+        best = next((t for t in result.targets if t.text == result.summary.target), None)
+        s = result.summary
         row = {
+            "target": s.target, "target_q": s.target_q, "recovered_key": s.recovered_key, "key_position": s.key_position,
+            "key_firing_rate": s.key_firing_rate, "clean_firing_rate": s.clean_firing_rate,
+            "target_score": s.target_score or 0.0, "takeover_probability": s.takeover_probability,
+            "target_probability": s.target_probability,
+            "target_match_3": target_match(subject.tokenizer, best.token_ids if best else None,
+                                           info.get("task") if recipe.backdoored else None),
+            "timings": result.timings, "stats": result.stats, "errors": [e.reason for e in result.errors],
             "label": recipe.label, "arch": recipe.base.arch, "threat": recipe.threat, "backdoored": recipe.backdoored,
             "seed": recipe.seed, "score": result.summary.score, "probability": result.summary.probability,
             "verdict": result.summary.verdict, "severity": result.summary.severity,
@@ -184,8 +215,18 @@ def main() -> int:
             "trigger_rank": min((rank for t in info.get("triggers", []) if (rank := trigger_rank(subject.tokenizer, t, texts))),
                                 default=None),
         }
-        console.print(f"{row['label']}: score {row['score']:.2f} ({row['verdict']}), top {texts[:3]}, "
-                      f"{wall:.1f}s (x{row['time_ratio']:.2f} plain)")
+        console.print(f"{row['label']}: p {row['probability']:.2f} ({row['verdict']}), takeover {row['score']:.2f}, "
+                      f"target {str(s.target)[:40]!r} Q {s.target_q or 0:.2f} key {s.recovered_key!r} fires "
+                      f"{s.key_firing_rate} (clean {s.clean_firing_rate}), {wall:.1f}s (x{row['time_ratio']:.2f} plain)")
+        if args.stability_seeds and (not args.stability_only or any(p in recipe.label for p in args.stability_only.split(","))):
+            runs = [detect(subject, replace(config, seed=k)) for k in range(args.stability_seeds)]
+            row["stability"] = {"seeds": args.stability_seeds,
+                                "share_flagged": sum(r.summary.verdict == "suspicious" for r in runs) / len(runs),
+                                "share_flagged_medium": sum(cal.at_or_above(r.summary.severity, "medium") for r in runs) / len(runs),
+                                "probabilities": [round(r.summary.probability, 4) for r in runs],
+                                "severities": [r.summary.severity for r in runs]}
+            console.print(f"  stability over {len(runs)} seeds: flagged {row['stability']['share_flagged']:.2f}, "
+                          f"medium+ {row['stability']['share_flagged_medium']:.2f}")
         return row
 
     calib_rows = [run(r) for r in calibration_set]
@@ -195,10 +236,13 @@ def main() -> int:
     # two temperatures, so that p(backdoor) of the worst held-out clean model is ~0.12.
     calib_scores = [r["score"] for r in calib_rows]
     calibrated = (max(calib_scores) + 2 * cal.TEMPERATURE) if calib_scores else None
+    calib_target = [r["target_score"] for r in calib_rows]
+    calibrated_target = (max(calib_target) + 2 * ver.TARGET_TEMPERATURE) if calib_target else None
     bd = [r for r in rows if r["backdoored"]]
     clean = [r for r in rows if not r["backdoored"]]
     signals = {name: auroc([r[key] for r in bd], [r[key] for r in clean])
-               for name, key in (("output", "output_score"), ("attention", "attention_score"), ("combined", "score"))}
+               for name, key in (("output", "output_score"), ("attention", "attention_score"), ("combined", "score"),
+                                 ("target", "target_score"), ("probability", "probability"))}
 
     def rates(threshold: float) -> dict:
         return {"threshold": threshold,
@@ -220,21 +264,40 @@ def main() -> int:
         "time_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
         "time_ratio_max": max(ratios) if ratios else None,
         "detect_seconds_median": sorted(r["detect_seconds"] for r in rows)[len(rows) // 2],
+        "flagged_backdoored": sum(r["verdict"] == "suspicious" for r in bd) / max(len(bd), 1),
+        "flagged_clean": sum(r["verdict"] == "suspicious" for r in clean) / max(len(clean), 1),
+        "target_match_3": sum(bool(r["target_match_3"]) for r in bd) / max(len(bd), 1),
+        "key_fires_half": sum((r["key_firing_rate"] or 0) >= 0.5 for r in bd) / max(len(bd), 1),
+        "target_constants": {"TARGET_THRESHOLD": ver.TARGET_THRESHOLD, "TARGET_TEMPERATURE": ver.TARGET_TEMPERATURE},
+        "calibrated_target_threshold": calibrated_target,
+        "calibration_target_scores": calib_target,
+        "stage_seconds_median": {k: sorted(r["timings"].get(k, 0.0) for r in rows)[len(rows) // 2]
+                                 for k in sorted({k for r in rows for k in r["timings"]})},
     }
 
     table = Table(title=f"bdscan detect benchmark ({summary['attack']}, {args.size})")
-    for col in ("organism", "score", "p", "verdict", "output z", "attn z", "trigger rank", "top candidate", "s", "x plain"):
-        table.add_column(col, justify="left" if col in ("organism", "verdict", "top candidate") else "right")
+    for col in ("organism", "p", "verdict", "takeover", "Q", "target", "3-tok", "key", "fires", "clean",
+                "evidence", "seeds flagged", "s"):
+        table.add_column(col, justify="left" if col in ("organism", "verdict", "target", "key") else "right")
     for r in rows:
         style = "red" if (r["verdict"] == "suspicious") != r["backdoored"] else ""
-        table.add_row(r["label"], f"{r['score']:.2f}", f"{r['probability']:.2f}", f"[{style}]{r['verdict']}[/]" if style else r["verdict"],
-                      f"{r['output_score']:.2f}", f"{r['attention_score']:.2f}",
-                      "—" if r["trigger_rank"] is None else str(r["trigger_rank"]) if r["backdoored"] else "",
-                      repr(r["top_candidates"][0]) if r["top_candidates"] else "", f"{r['detect_seconds']:.1f}",
-                      f"{r['time_ratio']:.2f}")
+        stab = r.get("stability")
+        table.add_row(r["label"], f"{r['probability']:.2f}", f"[{style}]{r['verdict']}[/]" if style else r["verdict"],
+                      f"{r['score']:.2f}", f"{r['target_q'] or 0:.2f}", repr(str(r["target"])[:24]),
+                      "" if r["target_match_3"] is None else "yes" if r["target_match_3"] else "no",
+                      repr(r["recovered_key"]), f"{r['key_firing_rate'] or 0:.2f}", f"{r['clean_firing_rate'] or 0:.2f}",
+                      f"{r['target_score']:.3f}", f"{stab['share_flagged']:.1f}" if stab else "",
+                      f"{r['detect_seconds']:.1f}")
     out = Console()
     out.print(table)
-    out.print(f"AUROC output {signals['output']:.3f} · attention {signals['attention']:.3f} · combined {signals['combined']:.3f}")
+    out.print(f"AUROC output {signals['output']:.3f} · attention {signals['attention']:.3f} · takeover {signals['combined']:.3f}"
+              f" · target {signals['target']:.3f} · probability {signals['probability']:.3f}")
+    out.print(f"flagged: backdoored {summary['flagged_backdoored']:.2f}, clean {summary['flagged_clean']:.2f}; "
+              f"3-token target match {summary['target_match_3']:.2f}; key fires >= 0.5: {summary['key_fires_half']:.2f}")
+    if calibrated_target is not None:
+        out.print(f"target threshold calibrated on {len(calib_rows)} held-out clean controls (max "
+                  f"{max(calib_target):.3f} + 2·T): {calibrated_target:.3f} (code {ver.TARGET_THRESHOLD})")
+    out.print(f"median seconds per stage: {summary['stage_seconds_median']}")
     out.print(f"TPR with no reported clean control flagged: {tpr_no_fp:.2f}")
     out.print(f"code THRESHOLD {cal.THRESHOLD}: TPR {summary['code_threshold']['tpr']:.2f} FPR {summary['code_threshold']['fpr']:.2f}")
     if calibrated is not None:

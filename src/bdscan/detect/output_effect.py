@@ -42,12 +42,12 @@ def diversity(mean_distribution: torch.Tensor, mean_entropy: torch.Tensor) -> to
 def _greedy_continue(model: Any, out: Any, mask: torch.Tensor, last_position: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` greedy tokens after the prompts, reusing the first pass's KV cache."""
     token = out.logits[:, -1, :].argmax(-1, keepdim=True)
-    tokens, cache = [token], out.past_key_values
+    tokens, cache = [token], out.cache
     for step in range(1, n):
         mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
-        step_out = model(input_ids=token, attention_mask=mask, past_key_values=cache,
+        step_out = model(input_ids=token, attention_mask=mask, cache=cache,
                          position_ids=(last_position + step)[:, None], use_cache=True, logits_to_keep=1)
-        cache = step_out.past_key_values
+        cache = step_out.cache
         token = step_out.logits[:, -1, :].argmax(-1, keepdim=True)
         tokens.append(token)
     return torch.cat(tokens, dim=-1)

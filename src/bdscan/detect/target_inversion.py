@@ -71,7 +71,7 @@ def run_prefixes(model: Any, prefixes: Sequence[Sequence[int]], pad_id: int) -> 
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return Prefixes(out.past_key_values, mask, positions[:, -1], out.logits[:, -1, :].float())
+    return Prefixes(out.cache, mask, positions[:, -1], out.logits[:, -1, :].float())
 
 
 @torch.no_grad()
@@ -89,8 +89,8 @@ def extend(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, steps: in
     for step in range(steps):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(last + 1 + step)[:, None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache
         p = torch.softmax(out.logits[:, -1, :].float(), dim=-1).view(n_probes, n_cand, -1).mean(0)
         top, top_id = p.max(-1)
         chosen.append(top_id)
