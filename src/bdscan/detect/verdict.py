@@ -34,7 +34,9 @@ def target_probability(evidence: float) -> float:
 def summarise(takeover_score: float, output_score: float, attention_score: float, top_candidate: str | None,
               targets: Sequence[TargetScore]) -> Summary:
     p_takeover = calibration.probability(takeover_score)
-    best = max(targets, key=lambda t: (t.evidence, t.q), default=None)
+    # The strongest evidence; among equals a target a key was searched for (its firing rate
+    # is known), then the most confident.
+    best = max(targets, key=lambda t: (t.evidence, t.key is not None, t.q), default=None)
     p_target = target_probability(best.evidence) if best is not None else 0.0
     p = max(p_takeover, p_target)
     return Summary(
