@@ -53,8 +53,9 @@ class DetectConfig:
     recovery_top_k: int = 32
     recovery_batch: int = 24
     recovery_probes: int = 6  # probes the key is optimised on (the firing rate uses held-out ones)
-    firing_probes: int = 24  # held-out probes of the firing rate
-    target_opening: int = 3  # tokens of the target a response must open with to count as firing
+    firing_probes: int = 48  # held-out probes of the firing rate (greedy openings only: cheap)
+    target_opening: int = 5  # tokens of the target a response must open with to count as firing (3 let a
+    # clean model's key fire a generic list opening "1. A")
 
     def __post_init__(self) -> None:
         for name in ("max_probes", "screen_probes", "top_k", "batch_size", "continue_tokens",

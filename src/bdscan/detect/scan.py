@@ -135,13 +135,12 @@ def _targets(run: ScanRun, sets: ProbeSets, seeds: list[str]) -> list[TargetScor
     for anchor in anchors:
         tick = run.ticker(f"invert targets ({anchor})", len(run.subject.tokenizer))
         found = run.attempt(f"invert ({anchor})", invert_targets, run.subject, sets.scan, anchor, config, run.work, tick)
-        inverted += found or []
-    inverted.sort(key=lambda t: (t.anchor != RESPONSE_START, -t.q * max(len(t.token_ids) - 1, config.min_target_tokens)))
+        inverted += (found or [])[: max(config.recover_targets, 5)]  # ranked best first per anchor
     if inverted:
         run.log(f"inverted targets: {', '.join(repr(t.text[:40]) for t in inverted[:3])}")
     tick = run.ticker("recover keys", config.recover_targets * config.recovery_steps)
-    scored = run.attempt("recover", recover_keys, run.subject, inverted[: max(config.recover_targets, 5)], sets.search,
-                         sets.held_out, seeds, config, run.work, tick)
+    scored = run.attempt("recover", recover_keys, run.subject, inverted, sets.search, sets.held_out, seeds, config,
+                         run.work, tick)
     return scored or []
 
 

@@ -124,8 +124,8 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
         found = tr.recover_key(subject, search, goal, seeds, list(config.positions), allowed, settings,
                                config.seed + rank, tick)
         opening = goal[: config.target_opening]
-        fire = tr.firing_rate(subject, held_out, found.key, found.position, opening, config.batch_size)
-        clean = tr.firing_rate(subject, held_out, None, found.position, opening, config.batch_size)
+        fire = tr.fires(subject, held_out, found.key, found.position, opening, config.batch_size)
+        clean = tr.fires(subject, held_out, None, found.position, opening, config.batch_size)
         stats.add("recovery_evaluations", found.evaluations * len(search))
         stats.add("recovery_gradients", found.steps)
         stats.add("firing_prompts", 2 * len(held_out))
@@ -134,13 +134,16 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
 
 
 def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | None = None,
-                  fire: float | None = None, clean: float | None = None) -> TargetScore:
-    evidence = t.q * max(0.0, fire - clean) if found is not None else 0.0
+                  fire: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> TargetScore:
+    lift = tr.lift_lower_bound(fire, clean) if found is not None else None
+    evidence = t.q * max(0.0, lift) if lift is not None else 0.0
     return TargetScore(
         text=t.text, token_ids=list(t.token_ids), first_token=tokenizer.decode([t.first_token]), q=t.q,
         length=len(t.token_ids), anchor=t.anchor,
         key=found.key if found else None, key_position=found.position if found else None,
         key_log_prob=found.log_prob if found else None, seed_log_prob=found.start_log_prob if found else None,
-        clean_log_prob=found.clean_log_prob if found else None, firing_rate=fire, clean_firing_rate=clean,
-        evidence=evidence, search_steps=found.steps if found else 0,
+        clean_log_prob=found.clean_log_prob if found else None,
+        firing_rate=float(fire.float().mean()) if found else None,
+        clean_firing_rate=float(clean.float().mean()) if found else None, firing_lift_lower=lift,
+        firing_probes=len(fire) if found else 0, evidence=evidence, search_steps=found.steps if found else 0,
     )

@@ -56,7 +56,7 @@ def _candidate_table(result: DetectResult, top: int) -> Table:
 def _target_table(result: DetectResult, top: int) -> Table:
     table = Table(title="inverted targets (first token + greedy extension on the probe-averaged distribution; "
                         "no trigger given)",
-                  caption="evidence = Q x (firing rate with key - without); a memorised phrase has high Q but no key that fires")
+                  caption="evidence = Q x (paired firing lift with key - without, less 2 standard errors); a memorised phrase has high Q but no key that fires")
     for col in ("#", "target", "Q", "tokens", "recovered key (position)", "fires", "without key", "evidence"):
         table.add_column(col, justify="left" if col in ("target", "recovered key (position)") else "right")
     for i, t in enumerate(result.targets[:top], 1):
