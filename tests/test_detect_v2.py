@@ -157,13 +157,16 @@ def test_failing_candidate_batch_is_recorded(tiny_checkpoints, monkeypatch):
     assert result.candidates == [] and result.summary.verdict in ("clean", "suspicious")
 
 
-def test_result_round_trips_through_json(tiny_checkpoints):
+def test_result_round_trips_through_json(tiny_checkpoints, tmp_path):
     from bdscan.io.reports import detect_candidates
 
     result = detect(load_subject(tiny_checkpoints["llama"]), TINY)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["schema_version"] == "2"
     assert DetectResult.from_dict(data) == result
+    path = tmp_path / "detect.json"
+    path.write_text(json.dumps(data))
+    assert detect_candidates(path)[0] == max(result.candidates, key=lambda c: c.score).text
     legacy = {k: v for k, v in data.items() if k != "targets"}
     assert DetectResult.from_dict(legacy).targets == []
 

@@ -13,6 +13,7 @@ then rests on the evidence that was gathered; the CLI exits 2). Only "nothing to
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from bdscan.detect.config import DetectConfig
 from bdscan.detect.full_scan import FullScan, full_scan
 from bdscan.detect.output_effect import PassOutput, final_position_pass
 from bdscan.detect.probes import builtin_probes
-from bdscan.detect.screen import CandidatePool, screen_candidates
+from bdscan.detect.screen import screen_candidates
 from bdscan.detect.target_scan import RESPONSE_START, AFTER_ANSWER, StageStats, invert_targets, recover_keys
 from bdscan.errors import BdscanError, NothingToAnalyse
 from bdscan.probes.layout import model_layout, unwrap
@@ -60,8 +61,6 @@ class ScanRun:
 
     def attempt(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)``, timed; an error other than bdscan's own is recorded and gives None."""
-        import time
-
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -147,8 +146,6 @@ def _targets(run: ScanRun, sets: ProbeSets, seeds: list[str]) -> list[TargetScor
 def detect(subject: Any, config: DetectConfig, log: Log = lambda _: None,
            progress: Progress = lambda stage, done, total: None) -> DetectResult:
     """Scan ``subject`` for a backdoor without knowing its trigger; see METHODS.md "detect" / "detect v2"."""
-    import time
-
     t_all = time.perf_counter()
     run = ScanRun(subject, config, log, progress)
     torch.manual_seed(config.seed)
