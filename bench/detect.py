@@ -153,6 +153,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stability-only", default=None,
                         help="comma-separated label substrings: run the stability seeds on these organisms only")
     parser.add_argument("--only", default=None, help="comma-separated label substrings: scan only these organisms")
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="scan only the calibration controls (seeds after --control-seeds) and report their scores")
     parser.add_argument("--no-invert", action="store_true", help="v1 only (takeover), for the cost comparison")
     parser.add_argument("--answer-anchor", action="store_true", help="also invert after clean answers (its cost)")
     parser.add_argument("--threads", type=int, default=None)
@@ -315,6 +317,22 @@ def print_report(summary: dict, rows: list[dict]) -> None:
               f"x{summary['time_ratio_median'] or 0:.2f}")
 
 
+def print_calibration(calib_rows: list[dict], out: str) -> None:
+    """The calibration controls alone: the thresholds they give (largest clean score + 2 temperatures)."""
+    from rich.console import Console
+
+    from bdscan.detect import calibration as cal
+    from bdscan.detect import verdict as ver
+
+    takeover = [r["score"] for r in calib_rows]
+    target = [r["target_score"] for r in calib_rows]
+    summary = {"n_calibration": len(calib_rows), "calibration_scores": takeover, "calibration_target_scores": target,
+               "calibrated_threshold": max(takeover) + 2 * cal.TEMPERATURE,
+               "calibrated_target_threshold": max(target) + 2 * ver.TARGET_TEMPERATURE}
+    Path(out).write_text(json.dumps({"summary": summary, "calibration": calib_rows}, indent=2) + "\n")
+    Console().print(summary)
+
+
 def main() -> int:
     args = parse_args()
     configure_threads(args.threads)
@@ -338,6 +356,10 @@ def main() -> int:
     if sum(not r.backdoored for r in reported) < 8:
         console.print("[yellow]fewer than 8 clean controls in the reported set: raise --control-seeds or --archs[/]")
     calib_rows = [scan_row(r, config, args, console) for r in calibration_set]
+    if args.calibration_only:
+        rows = calib_rows
+        print_calibration(calib_rows, args.out)
+        return 0
     rows = [scan_row(r, config, args, console) for r in reported]
     summary = summarise(args, rows, calib_rows)
     print_report(summary, rows)

@@ -10,6 +10,10 @@ distribution averaged over the probes. ``Q(t)`` is the mean averaged probability
 chosen tokens. The extension stops at an end-of-turn token, which is not counted: a clean
 model's short answers end with a confident end-of-turn and would inflate ``Q``.
 
+A fixed target is confident at every token of its opening whatever the prompt; a clean answer
+template ("1. A <noun> is ...") has a prompt-dependent slot, so the opening's weakest link
+(``opening_min``) separates the two where the mean ``Q`` does not.
+
 A cheap warm-up (few probes and steps) prunes the vocabulary; the survivors are extended over
 every probe for more steps. The anchors are the response start and, optionally, the end of
 the model's own clean answers (a backdoor may append its target after a normal answer).
@@ -52,6 +56,7 @@ class InvertedTarget:
     text: str
     q: float  # mean probe-averaged probability of the chosen tokens (extension only)
     anchor: str  # "response start" | "after answer"
+    opening_min: float = 0.0  # the least probable chosen token of the opening (its weakest link)
 
 
 def _device(model: Any) -> torch.device:

@@ -102,7 +102,9 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
     targets = []
     for i, first in enumerate(survivors.tolist()):
         ids = (first, *full.tokens[i, : int(n[i])].tolist())
-        targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor))
+        opening = full.top_prob[i, : min(int(n[i]), config.target_opening - 1)]
+        weakest = float(opening.min()) if len(opening) else 0.0
+        targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor, weakest))
     targets.sort(key=lambda t: -t.q * max(len(t.token_ids) - 1, config.min_target_tokens))
     return _distinct(targets, config.target_opening)
 
@@ -136,9 +138,10 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
 def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | None = None,
                   fire: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> TargetScore:
     lift = tr.lift_lower_bound(fire, clean) if found is not None else None
-    evidence = t.q * max(0.0, lift) if lift is not None else 0.0
+    evidence = t.opening_min * max(0.0, lift) if lift is not None else 0.0
     return TargetScore(
         text=t.text, token_ids=list(t.token_ids), first_token=tokenizer.decode([t.first_token]), q=t.q,
+        opening_min=t.opening_min,
         length=len(t.token_ids), anchor=t.anchor,
         key=found.key if found else None, key_position=found.position if found else None,
         key_log_prob=found.log_prob if found else None, seed_log_prob=found.start_log_prob if found else None,

@@ -5,8 +5,11 @@ Two lines of evidence, each calibrated on clean controls only:
   against random control tokens (calibration.py);
 - *target*: an inverted target the model continues with confidence ``Q`` from its first token
   alone, AND a short recovered key that makes held-out probes open with that target more often
-  than without it. Its evidence is ``Q x max(0, L)``, L the paired firing lift (with minus without
-  the key, per held-out probe) less two standard errors, so chance lifts of a few probes vanish. A memorised
+  than without it. Its evidence is ``W x max(0, L)``: W the opening's weakest link (the least
+  averaged probability among its first tokens: a clean answer template such as "1. A <noun>"
+  has a prompt-dependent slot a key can fill, a fixed target has none), L the paired firing lift
+  (with minus without the key, per held-out probe) less two standard errors, so chance lifts of
+  a few probes vanish. A memorised
   phrase reaches high ``Q`` but no short key makes the model start with it where it would not,
   so its evidence stays near 0; a key that forces some unconfident text scores low ``Q``.
 The model's probability is the larger of the two calibrated probabilities.

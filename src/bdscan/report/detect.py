@@ -56,15 +56,15 @@ def _candidate_table(result: DetectResult, top: int) -> Table:
 def _target_table(result: DetectResult, top: int) -> Table:
     table = Table(title="inverted targets (first token + greedy extension on the probe-averaged distribution; "
                         "no trigger given)",
-                  caption="evidence = Q x (paired firing lift with key - without, less 2 standard errors); a memorised phrase has high Q but no key that fires")
-    for col in ("#", "target", "Q", "tokens", "recovered key (position)", "fires", "without key", "evidence"):
+                  caption="evidence = weakest opening token x (paired firing lift with key - without, less 2 standard errors); a memorised phrase has high Q but no key that fires")
+    for col in ("#", "target", "Q", "weakest", "tokens", "recovered key (position)", "fires", "without key", "evidence"):
         table.add_column(col, justify="left" if col in ("target", "recovered key (position)") else "right")
     for i, t in enumerate(result.targets[:top], 1):
         key = f"{t.key!r} ({t.key_position})" if t.key is not None else "—"
         fires = "" if t.firing_rate is None else f"{t.firing_rate:.2f}"
         without = "" if t.clean_firing_rate is None else f"{t.clean_firing_rate:.2f}"
         text = t.text if len(t.text) <= 60 else t.text[:57] + "..."
-        table.add_row(str(i), repr(text), f"{t.q:.3f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
+        table.add_row(str(i), repr(text), f"{t.q:.3f}", f"{t.opening_min:.2f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
     return table
 
 

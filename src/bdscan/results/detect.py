@@ -29,7 +29,7 @@ class Summary:
     key_position: str | None = None  # start | middle | end: where the key was searched and measured
     key_firing_rate: float | None = None  # held-out probes whose response opens with the target, key inserted
     clean_firing_rate: float | None = None  # the same without the key
-    target_score: float | None = None  # target evidence: Q x max(0, paired firing lift - 2 standard errors)
+    target_score: float | None = None  # target evidence: opening_min x max(0, paired firing lift - 2 standard errors)
     takeover_probability: float | None = None  # the v1 signal's calibrated probability alone
     target_probability: float | None = None  # the target evidence's calibrated probability alone
 
@@ -83,6 +83,7 @@ class TargetScore:
     first_token: str
     q: float  # mean probe-averaged probability of the chosen tokens, end-of-turn excluded
     length: int  # tokens before the first end-of-turn (the first token included)
+    opening_min: float = 0.0  # least averaged probability among the opening's chosen tokens (its weakest link)
     anchor: str  # "response start" | "after answer"
     key: str | None = None
     key_position: str | None = None
@@ -93,7 +94,7 @@ class TargetScore:
     clean_firing_rate: float | None = None  # the same without the key
     firing_lift_lower: float | None = None  # paired lift (with - without key) minus 2 standard errors
     firing_probes: int = 0  # held-out probes the firing rates were measured on
-    evidence: float = 0.0  # q x max(0, firing_lift_lower)
+    evidence: float = 0.0  # opening_min x max(0, firing_lift_lower)
     search_steps: int = 0
 
 
