@@ -83,8 +83,8 @@ class TargetScore:
     first_token: str
     q: float  # mean probe-averaged probability of the chosen tokens, end-of-turn excluded
     length: int  # tokens before the first end-of-turn (the first token included)
-    opening_min: float = 0.0  # least averaged probability among the opening's chosen tokens (its weakest link)
     anchor: str  # "response start" | "after answer"
+    opening_min: float = 0.0  # least averaged probability among the opening's chosen tokens (its weakest link)
     key: str | None = None
     key_position: str | None = None
     key_log_prob: float | None = None  # mean log P(target opening | probe with key) per token, search probes
