@@ -42,7 +42,9 @@ class DetectConfig:
     target_probes: int = 16  # probes of the full extension
     target_steps: int = 20  # greedy steps of the full extension
     min_target_tokens: int = 3  # Q averages over at least this many tokens (an immediate end-of-turn is no target)
-    adapter_first_tokens: int = 512  # adapter: only the first tokens it moves most at the anchor (0: all)
+    # Adapter: only the N first tokens it moves most at the anchor (0: all). Off by default: on the
+    # stealth-trained BackdoorLLM VPI adapter the target's first token ranked 607th of 3944.
+    adapter_first_tokens: int = 0
     answer_anchor: bool = False  # also invert after the model's own clean answers (appended targets)
     answer_tokens: int = 16  # length of those clean answers
     inversion_chunk: int = 128  # candidates per expanded cache
