@@ -50,10 +50,11 @@ class DetectConfig:
     inversion_chunk: int = 128  # candidates per expanded cache
     # -- v2: trigger recovery (step 2) ---------------------------------------------------------
     recover_targets: int = 2  # inverted targets (best first) a key is searched for
-    key_tokens: int = 4  # tokens in a recovered key (1-8)
-    recovery_steps: int = 12
+    key_tokens: int = 6  # tokens in a recovered key (1-8); 4 tokens / 12 steps found 'OpenAIDOL' for the VPI
+    # key 'Discussing OpenAI' but it fired on 0.12 of held-out probes; 6 / 30 / 48 fired on 0.59
+    recovery_steps: int = 30
     recovery_top_k: int = 32
-    recovery_batch: int = 24
+    recovery_batch: int = 48
     recovery_probes: int = 6  # probes the key is optimised on (the firing rate uses held-out ones)
     firing_probes: int = 48  # held-out probes of the firing rate (greedy openings only: cheap)
     target_opening: int = 5  # tokens of the target a response must open with to count as firing (3 let a
