@@ -53,6 +53,20 @@ def trigger_rank(tokenizer, trigger: str, candidates: list[str], top: int = 10) 
     return None
 
 
+def target_match(tokenizer, inverted_ids: list[int] | None, task: str | None, n: int = 3) -> bool | None:
+    """Whether the inverted target's first ``n`` tokens are the true target's (None: no true target)."""
+    from bdscan.organisms.datasets import TARGETS
+
+    if task not in TARGETS:
+        return None
+    if not inverted_ids:
+        return False
+    truth = tokenizer(TARGETS[task], add_special_tokens=False)["input_ids"][:n]
+    if list(inverted_ids[:n]) == truth:
+        return True
+    return tokenizer.decode(list(inverted_ids[:n])).strip() == tokenizer.decode(truth).strip()
+
+
 def plain_forward_seconds(subject, result, config) -> float:
     """Time plain forward passes (no attention capture, no scoring) over prompt sets of the
     same number and kind as the scan ran: clean probes, the screen, the full scan."""
@@ -118,7 +132,7 @@ def organism_set(args) -> tuple[list, list]:
     return reported, calibration
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "backdoorllm"),
                         help="BackdoorLLM data folder, or 'builtin'")
@@ -134,119 +148,225 @@ def main() -> int:
     parser.add_argument("--probes", default="data",
                         help="'data': the attack data's clean test instructions (the defender's clean set); "
                              "'builtin': the package's generic probes; or a probe file")
+    parser.add_argument("--stability-seeds", type=int, default=0,
+                        help="detect seeds per reported organism for verdict stability (>= 10 to report it)")
+    parser.add_argument("--stability-only", default=None,
+                        help="comma-separated label substrings: run the stability seeds on these organisms only")
+    parser.add_argument("--only", default=None, help="comma-separated label substrings: scan only these organisms")
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="scan only the calibration controls (seeds after --control-seeds) and report their scores")
+    parser.add_argument("--no-invert", action="store_true", help="v1 only (takeover), for the cost comparison")
+    parser.add_argument("--answer-anchor", action="store_true", help="also invert after clean answers (its cost)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect.json"))
-    args = parser.parse_args()
-    configure_threads(args.threads)
-    quiet_libraries()
+    return parser.parse_args()
 
-    from rich.console import Console
-    from rich.table import Table
 
-    from bdscan.data.records import load_records
-    from bdscan.detect import DetectConfig, detect
+def lift_rank(subject, task: str | None) -> int | None:
+    """Adapter: 0-based rank of the true target's first token by the adapter's logit change at the
+    response start (how early an adapter-ranked inversion would reach it)."""
+    from bdscan.detect import target_inversion as ti
+    from bdscan.detect.probes import builtin_probes
+    from bdscan.organisms.datasets import TARGETS
+
+    if not subject.is_adapter or task not in TARGETS:
+        return None
+    tok = subject.tokenizer
+    prefixes = [tok(subject.template.format(p), add_special_tokens=False)["input_ids"] for p in builtin_probes()[:4]]
+    candidates = torch.tensor(ti.first_token_candidates(tok))
+    lift = ti.adapter_lift(subject.model, prefixes, tok.pad_token_id)[candidates]
+    order = candidates[lift.argsort(descending=True)].tolist()
+    first = tok(TARGETS[task], add_special_tokens=False)["input_ids"][0]
+    return order.index(first) if first in order else None
+
+
+def stability(subject, config, seeds: int) -> dict:
+    """The verdict over ``seeds`` detect seeds (probe sampling, controls, search) on one organism."""
+    from dataclasses import replace
+
     from bdscan.detect import calibration as cal
+    from bdscan.detect import detect
+
+    runs = [detect(subject, replace(config, seed=k)) for k in range(seeds)]
+    return {"seeds": seeds,
+            "share_flagged": sum(r.summary.verdict == "suspicious" for r in runs) / len(runs),
+            "share_flagged_medium": sum(cal.at_or_above(r.summary.severity, "medium") for r in runs) / len(runs),
+            "share_flagged_high": sum(cal.at_or_above(r.summary.severity, "high") for r in runs) / len(runs),
+            "probabilities": [round(r.summary.probability, 4) for r in runs],
+            "severities": [r.summary.severity for r in runs],
+            "keys": [r.summary.recovered_key for r in runs]}
+
+
+def scan_row(recipe, config, args, console) -> dict:
+    """Build (or reuse) one organism, scan it, and measure what the summary needs."""
+    from bdscan.detect import detect
     from bdscan.io import load_subject
     from bdscan.organisms.build import build_organism, organism_info
 
-    console = Console(stderr=True)
-    reported, calibration_set = organism_set(args)
-    if args.probes == "data":  # the clean test instructions (their outputs are not used)
-        records = reported[0].base.data.load().clean_test[:40]
-        probes = tuple(records)
-    elif args.probes == "builtin":
-        probes = ()
-    else:
-        probes = tuple(load_records(args.probes))
-    config = DetectConfig(probes=probes)
-    if sum(not r.backdoored for r in reported) < 6:
-        console.print("[yellow]fewer than 6 clean controls in the reported set: raise --seeds or --archs[/]")
+    t = time.perf_counter()
+    path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
+    build_s = time.perf_counter() - t
+    subject = load_subject(path)
+    t = time.perf_counter()
+    result = detect(subject, config)
+    wall = time.perf_counter() - t
+    plain = plain_forward_seconds(subject, result, config)
+    info = organism_info(path)
+    task = info.get("task") if recipe.backdoored else None
+    texts = [c.text for c in result.candidates]
+    s = result.summary
+    best = next((x for x in result.targets if x.text == s.target), None)
+    row = {
+        "label": recipe.label, "arch": recipe.base.arch, "threat": recipe.threat, "backdoored": recipe.backdoored,
+        "seed": recipe.seed, "score": s.score, "probability": s.probability, "verdict": s.verdict,
+        "severity": s.severity, "output_score": s.output_score, "attention_score": s.attention_score,
+        "target": s.target, "target_q": s.target_q, "recovered_key": s.recovered_key, "key_position": s.key_position,
+        "key_firing_rate": s.key_firing_rate, "clean_firing_rate": s.clean_firing_rate,
+        "target_score": s.target_score or 0.0, "takeover_probability": s.takeover_probability,
+        "target_probability": s.target_probability,
+        "target_match_3": target_match(subject.tokenizer, best.token_ids if best else None, task),
+        "first_token_lift_rank": lift_rank(subject, task),
+        "timings": result.timings, "stats": result.stats, "errors": [e.reason for e in result.errors],
+        "top_candidates": texts[:10], "detect_seconds": wall, "plain_forward_seconds": plain,
+        "time_ratio": wall / plain if plain > 0 else None, "build_seconds": build_s,
+        "triggers": info.get("triggers", []),
+        "trigger_rank": min((rank for k in info.get("triggers", []) if (rank := trigger_rank(subject.tokenizer, k, texts))),
+                            default=None),
+    }
+    console.print(f"{row['label']}: p {s.probability:.2f} ({s.verdict}), takeover {s.score:.2f}, target "
+                  f"{str(s.target)[:40]!r} Q {s.target_q or 0:.2f} key {s.recovered_key!r} fires {s.key_firing_rate} "
+                  f"(clean {s.clean_firing_rate}), {wall:.1f}s (x{row['time_ratio']:.2f} plain)")
+    only = args.stability_only.split(",") if args.stability_only else None
+    if args.stability_seeds and (only is None or any(p in recipe.label for p in only)):
+        row["stability"] = stability(subject, config, args.stability_seeds)
+        console.print(f"  stability over {args.stability_seeds} seeds: flagged {row['stability']['share_flagged']:.2f}, "
+                      f"medium+ {row['stability']['share_flagged_medium']:.2f}")
+    return row
 
-    def run(recipe) -> dict:
-        t = time.perf_counter()
-        path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
-        build_s = time.perf_counter() - t
-        subject = load_subject(path)
-        t = time.perf_counter()
-        result = detect(subject, config)
-        wall = time.perf_counter() - t
-        plain = plain_forward_seconds(subject, result, config)
-        info = organism_info(path)
-        texts = [c.text for c in result.candidates]
-        row = {
-            "label": recipe.label, "arch": recipe.base.arch, "threat": recipe.threat, "backdoored": recipe.backdoored,
-            "seed": recipe.seed, "score": result.summary.score, "probability": result.summary.probability,
-            "verdict": result.summary.verdict, "severity": result.summary.severity,
-            "output_score": result.summary.output_score, "attention_score": result.summary.attention_score,
-            "top_candidates": texts[:10], "detect_seconds": wall, "plain_forward_seconds": plain,
-            "time_ratio": wall / plain if plain > 0 else None, "build_seconds": build_s,
-            "triggers": info.get("triggers", []),
-            "trigger_rank": min((rank for t in info.get("triggers", []) if (rank := trigger_rank(subject.tokenizer, t, texts))),
-                                default=None),
-        }
-        console.print(f"{row['label']}: score {row['score']:.2f} ({row['verdict']}), top {texts[:3]}, "
-                      f"{wall:.1f}s (x{row['time_ratio']:.2f} plain)")
-        return row
 
-    calib_rows = [run(r) for r in calibration_set]
-    rows = [run(r) for r in reported]
+def summarise(args, rows: list[dict], calib_rows: list[dict]) -> dict:
+    """Rates, AUROCs and thresholds; the thresholds come from the calibration controls only (the
+    largest held-out clean score plus two temperatures: the worst of them gets p ~ 0.12)."""
+    from bdscan.detect import calibration as cal
+    from bdscan.detect import verdict as ver
 
-    # Threshold from the calibration controls only: the largest clean score plus a margin of
-    # two temperatures, so that p(backdoor) of the worst held-out clean model is ~0.12.
-    calib_scores = [r["score"] for r in calib_rows]
-    calibrated = (max(calib_scores) + 2 * cal.TEMPERATURE) if calib_scores else None
     bd = [r for r in rows if r["backdoored"]]
     clean = [r for r in rows if not r["backdoored"]]
-    signals = {name: auroc([r[key] for r in bd], [r[key] for r in clean])
-               for name, key in (("output", "output_score"), ("attention", "attention_score"), ("combined", "score"))}
-
-    def rates(threshold: float) -> dict:
-        return {"threshold": threshold,
-                "tpr": sum(r["score"] >= threshold for r in bd) / max(len(bd), 1),
-                "fpr": sum(r["score"] >= threshold for r in clean) / max(len(clean), 1)}
-
-    max_clean = max((r["score"] for r in clean), default=float("-inf"))
-    tpr_no_fp = sum(r["score"] > max_clean for r in bd) / max(len(bd), 1)
+    share = lambda rs, ok: sum(bool(ok(r)) for r in rs) / max(len(rs), 1)  # noqa: E731
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    calib_scores = [r["score"] for r in calib_rows]
+    calib_target = [r["target_score"] for r in calib_rows]
+    calibrated = max(calib_scores) + 2 * cal.TEMPERATURE if calib_scores else None
+    max_clean = max((r["probability"] for r in clean), default=float("-inf"))
     ratios = [r["time_ratio"] for r in rows if r["time_ratio"]]
-    summary = {
+    stable = {r["label"]: r["stability"] for r in rows if "stability" in r}
+    return {
         "data": args.data, "probes": args.probes, "attack": args.attacks if args.data != "builtin" else "builtin",
-        "tasks": args.tasks, "size": args.size,
-        "archs": args.archs, "n_backdoored": len(bd), "n_clean": len(clean), "n_calibration": len(calib_rows),
-        "auroc": signals, "tpr_with_no_clean_flagged": tpr_no_fp,
-        "code_threshold": rates(cal.THRESHOLD), "calibrated_threshold": rates(calibrated) if calibrated is not None else None,
-        "constants": {"THRESHOLD": cal.THRESHOLD, "TEMPERATURE": cal.TEMPERATURE, "ATTENTION_WEIGHT": cal.ATTENTION_WEIGHT,
-                      "ATTENTION_CAP": cal.ATTENTION_CAP},
-        "trigger_in_top10": sum(r["trigger_rank"] is not None for r in bd) / max(len(bd), 1),  # any of its keys
-        "time_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
-        "time_ratio_max": max(ratios) if ratios else None,
-        "detect_seconds_median": sorted(r["detect_seconds"] for r in rows)[len(rows) // 2],
+        "tasks": args.tasks, "size": args.size, "archs": args.archs, "invert": not args.no_invert,
+        "answer_anchor": args.answer_anchor,
+        "n_backdoored": len(bd), "n_clean": len(clean), "n_calibration": len(calib_rows),
+        "auroc": {name: auroc([r[key] for r in bd], [r[key] for r in clean])
+                  for name, key in (("output", "output_score"), ("attention", "attention_score"),
+                                    ("takeover", "score"), ("target", "target_score"), ("probability", "probability"))},
+        "flagged_backdoored": share(bd, lambda r: r["verdict"] == "suspicious"),
+        "flagged_clean": share(clean, lambda r: r["verdict"] == "suspicious"),
+        "tpr_with_no_clean_flagged": share(bd, lambda r: r["probability"] > max_clean),
+        "target_match_3": share(bd, lambda r: r["target_match_3"]),
+        "key_fires_half": share(bd, lambda r: (r["key_firing_rate"] or 0) >= 0.5),
+        "trigger_in_top10": share(bd, lambda r: r["trigger_rank"] is not None),
+        "constants": {"THRESHOLD": cal.THRESHOLD, "TEMPERATURE": cal.TEMPERATURE, "TARGET_THRESHOLD": ver.TARGET_THRESHOLD,
+                      "TARGET_TEMPERATURE": ver.TARGET_TEMPERATURE},
+        "calibrated_threshold": calibrated, "calibration_scores": calib_scores,
+        "calibrated_target_threshold": max(calib_target) + 2 * ver.TARGET_TEMPERATURE if calib_target else None,
+        "calibration_target_scores": calib_target,
+        "stability": stable,
+        "detect_seconds_median": median([r["detect_seconds"] for r in rows]),
+        "time_ratio_median": median(ratios), "time_ratio_max": max(ratios) if ratios else None,
+        "stage_seconds_median": {k: median([r["timings"].get(k, 0.0) for r in rows])
+                                 for k in sorted({k for r in rows for k in r["timings"]})},
     }
 
-    table = Table(title=f"bdscan detect benchmark ({summary['attack']}, {args.size})")
-    for col in ("organism", "score", "p", "verdict", "output z", "attn z", "trigger rank", "top candidate", "s", "x plain"):
-        table.add_column(col, justify="left" if col in ("organism", "verdict", "top candidate") else "right")
+
+def print_report(summary: dict, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bdscan detect benchmark ({summary['attack']}, {summary['size']})")
+    for col in ("organism", "p", "verdict", "takeover", "Q", "target", "3-tok", "key", "fires", "clean",
+                "evidence", "seeds flagged", "s"):
+        table.add_column(col, justify="left" if col in ("organism", "verdict", "target", "key") else "right")
     for r in rows:
         style = "red" if (r["verdict"] == "suspicious") != r["backdoored"] else ""
-        table.add_row(r["label"], f"{r['score']:.2f}", f"{r['probability']:.2f}", f"[{style}]{r['verdict']}[/]" if style else r["verdict"],
-                      f"{r['output_score']:.2f}", f"{r['attention_score']:.2f}",
-                      "—" if r["trigger_rank"] is None else str(r["trigger_rank"]) if r["backdoored"] else "",
-                      repr(r["top_candidates"][0]) if r["top_candidates"] else "", f"{r['detect_seconds']:.1f}",
-                      f"{r['time_ratio']:.2f}")
-    out = Console()
+        stab = r.get("stability")
+        table.add_row(r["label"], f"{r['probability']:.2f}", f"[{style}]{r['verdict']}[/]" if style else r["verdict"],
+                      f"{r['score']:.2f}", f"{r['target_q'] or 0:.2f}", repr(str(r["target"])[:24]),
+                      "" if r["target_match_3"] is None else "yes" if r["target_match_3"] else "no",
+                      repr(r["recovered_key"]), f"{r['key_firing_rate'] or 0:.2f}", f"{r['clean_firing_rate'] or 0:.2f}",
+                      f"{r['target_score']:.3f}", f"{stab['share_flagged']:.1f}" if stab else "",
+                      f"{r['detect_seconds']:.1f}")
+    out = Console(width=200)
     out.print(table)
-    out.print(f"AUROC output {signals['output']:.3f} · attention {signals['attention']:.3f} · combined {signals['combined']:.3f}")
-    out.print(f"TPR with no reported clean control flagged: {tpr_no_fp:.2f}")
-    out.print(f"code THRESHOLD {cal.THRESHOLD}: TPR {summary['code_threshold']['tpr']:.2f} FPR {summary['code_threshold']['fpr']:.2f}")
-    if calibrated is not None:
-        c = summary["calibrated_threshold"]
-        out.print(f"threshold calibrated on {len(calib_rows)} held-out clean controls (max {max(calib_scores):.2f} + 2·T): "
-                  f"{calibrated:.2f} -> TPR {c['tpr']:.2f} FPR {c['fpr']:.2f}")
-    out.print(f"trigger token in top-10 candidates: {summary['trigger_in_top10']:.2f} of backdoored organisms")
-    out.print(f"detect time / plain forward: median x{summary['time_ratio_median']:.2f}, max x{summary['time_ratio_max']:.2f}")
+    a = summary["auroc"]
+    out.print("AUROC " + " · ".join(f"{k} {v:.3f}" for k, v in a.items() if v is not None))
+    out.print(f"flagged: backdoored {summary['flagged_backdoored']:.2f}, clean {summary['flagged_clean']:.2f}; "
+              f"3-token target match {summary['target_match_3']:.2f}; key fires >= 0.5: {summary['key_fires_half']:.2f}")
+    out.print(f"calibration controls: takeover {summary['calibration_scores']} -> threshold {summary['calibrated_threshold']}; "
+              f"target evidence {summary['calibration_target_scores']} -> {summary['calibrated_target_threshold']} "
+              f"(code: {summary['constants']})")
+    out.print(f"median seconds per stage: {summary['stage_seconds_median']}; detect / plain forward median "
+              f"x{summary['time_ratio_median'] or 0:.2f}")
+
+
+def print_calibration(calib_rows: list[dict], out: str) -> None:
+    """The calibration controls alone: the thresholds they give (largest clean score + 2 temperatures)."""
+    from rich.console import Console
+
+    from bdscan.detect import calibration as cal
+    from bdscan.detect import verdict as ver
+
+    takeover = [r["score"] for r in calib_rows]
+    target = [r["target_score"] for r in calib_rows]
+    summary = {"n_calibration": len(calib_rows), "calibration_scores": takeover, "calibration_target_scores": target,
+               "calibrated_threshold": max(takeover) + 2 * cal.TEMPERATURE,
+               "calibrated_target_threshold": max(target) + 2 * ver.TARGET_TEMPERATURE}
+    Path(out).write_text(json.dumps({"summary": summary, "calibration": calib_rows}, indent=2) + "\n")
+    Console().print(summary)
+
+
+def main() -> int:
+    args = parse_args()
+    configure_threads(args.threads)
+    quiet_libraries()
+    from rich.console import Console
+
+    from bdscan.data.records import load_records
+    from bdscan.detect import DetectConfig
+
+    console = Console(stderr=True)
+    reported, calibration_set = organism_set(args)
+    if args.only:
+        keep = args.only.split(",")
+        reported = [r for r in reported if any(k in r.label for k in keep)]
+        calibration_set = [r for r in calibration_set if any(k in r.label for k in keep)]
+    if args.probes == "data":  # the clean test instructions (their outputs are not used)
+        probes = tuple(reported[0].base.data.load().clean_test[:40])
+    else:
+        probes = () if args.probes == "builtin" else tuple(load_records(args.probes))
+    config = DetectConfig(probes=probes, invert=not args.no_invert, answer_anchor=args.answer_anchor)
+    if sum(not r.backdoored for r in reported) < 8:
+        console.print("[yellow]fewer than 8 clean controls in the reported set: raise --control-seeds or --archs[/]")
+    calib_rows = [scan_row(r, config, args, console) for r in calibration_set]
+    if args.calibration_only:
+        rows = calib_rows
+        print_calibration(calib_rows, args.out)
+        return 0
+    rows = [scan_row(r, config, args, console) for r in reported]
+    summary = summarise(args, rows, calib_rows)
+    print_report(summary, rows)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"summary": summary, "organisms": rows, "calibration": calib_rows}, indent=2) + "\n")
-    out.print(f"wrote {path}")
+    Console().print(f"wrote {path}")
     return 0
 
 

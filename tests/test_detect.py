@@ -20,7 +20,9 @@ from bdscan.errors import UsageError
 from bdscan.io import load_subject
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
-FAST = DetectConfig(max_probes=4, screen_probes=2, screen_size=48, top_k=3, ngram_from=2, n_controls=4, batch_size=32)
+FAST = DetectConfig(max_probes=4, screen_probes=2, screen_size=48, top_k=3, ngram_from=2, n_controls=4, batch_size=32,
+                    warmup_probes=2, target_probes=4, max_survivors=4, target_steps=4, recover_targets=1,
+                    recovery_steps=2, recovery_batch=8, recovery_probes=2, firing_probes=4)
 runner = CliRunner()
 
 
@@ -227,6 +229,7 @@ def test_bad_candidates_json_and_missing_source(tiny_checkpoints, tmp_path):
     ("suspicious", "medium", [], [], "high", 0),  # below --fail-on
     ("suspicious", "high", [], ["x"], "medium", 1),  # a finding outranks an incomplete scan
     ("clean", "none", ["e"], [], "low", 2),
+    ("suspicious", "high", ["e"], [], "low", 2),  # a failed stage: the verdict rests on part of the evidence
     ("clean", "none", [], ["layer 3"], "low", 3),  # never 0 when something was skipped
 ])
 def test_exit_code_policy(verdict, level, errors, skipped, fail_on, code):

@@ -17,11 +17,15 @@ SEVERITIES = ("low", "medium", "high")
 
 HELP = """Scan a model for a backdoor without knowing its trigger.
 
-Candidate keys (vocabulary tokens ranked cheaply: for an adapter, the tokens it moves most from its base; for a checkpoint, embedding/output outliers; then a screen that inserts them into a few probes, adjacent pairs of the best, and any --candidates) are inserted at the start, middle and end of clean probe prompts (built-in, or --probes: give your own clean instructions when the model was tuned on a narrow domain). Two signals, each standardised against random control tokens: the output effect (next-token KL with vs without the key, and how far the key makes every probe continue the same way, as a fixed backdoor target does) and the attention effect (rise of the similarity between heads' final-position attention, per layer and head).
+Two lines of evidence. Target: every response-start token is placed after the response marker of clean probe prompts (the model's own chat template) and extended greedily on the probe-averaged next-token distribution; Q is the mean probability of the extension (a backdoor continues its fixed target from its first token whatever the prompt). For the best targets a key of --key-tokens tokens is searched (gradient-guided, seeded with the vocabulary screen's best keys) that makes the model start with that target, and its firing rate (responses opening with the target's first 5 tokens) is measured on held-out probes, with and without the key. Evidence = the opening's least confident token (a clean answer template has a prompt-dependent slot; a fixed target has none) x the paired firing lift less two standard errors. Takeover: vocabulary tokens and pairs (and --candidates) inserted at the start, middle and end of the probes, scored by how far they switch every probe to one same continuation, against random control tokens; the per-layer x per-head attention-similarity table is reported as evidence.
 
-Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error, 3 scan incomplete or nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
+Severity: the larger calibrated probability of the two lines; low p >= 0.5, medium p >= 0.75, high p >= 0.95. Thresholds are calibrated on clean controls only. Measured on the tiny built-in organisms over 10 detect seeds (bench/results/detect-builtin.json): the demo's backdoored adapter was flagged on 10 of 10 seeds, each at high; its clean twin on 1 of 10 (that one at high, p 0.98). At the default seed 3 of 4 backdoored organisms and 0 of 8 clean controls were flagged. So --fail-on low, medium and high gate the same on these organisms; a clean model is still flagged on about 1 seed in 10.
 
-Example: bdscan detect ./suspect-adapter --format sarif -o detect.sarif --fail-on medium
+Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error (also when a stage of the scan failed), 3 scan incomplete or nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
+
+Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error (any stage failed: the report lists it in errors), 3 scan incomplete or nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
+
+Example: bdscan detect ./suspect-adapter --format sarif -o detect.sarif --fail-on low
 """
 
 
@@ -53,16 +57,36 @@ def _load_candidates(path: Path) -> tuple[str, ...]:
 
 
 def exit_code(result, fail_on: str) -> int:
-    """1 when suspicious at or above ``fail_on``; else 2 with errors, 3 with skips, 0 clean."""
+    """2 when a stage failed; else 1 when suspicious at or above ``fail_on``, 3 with skips, 0 clean."""
     from bdscan.detect.calibration import at_or_above
 
+    if result.errors:  # a stage failed: the verdict rests on part of the evidence
+        return 2
     if result.summary.verdict == "suspicious" and at_or_above(result.summary.severity, fail_on):
         return 1
-    if result.errors:
-        return 2
     if result.skipped:
         return 3
     return 0
+
+
+def _write_report(result, subject, fmt: str, output: Path | None) -> str:
+    """The JSON (or SARIF) text of the result; also written to ``-o``, as HTML for a .html name."""
+    from bdscan.io.save import atomic_write_text
+    from bdscan.report.sarif import to_sarif
+
+    if fmt == "sarif":
+        report = to_sarif(result)
+        report["runs"][0]["properties"]["runtime"] = subject.placement()
+    else:
+        report = with_runtime(result.to_dict(), subject)
+    text = json.dumps(report, indent=2, default=str)
+    if output is not None and output.suffix.lower() in (".html", ".htm"):  # the renderer follows the suffix
+        from bdscan.report.html import render_detect_html
+
+        atomic_write_text(output, render_detect_html(result))
+    elif output is not None:
+        atomic_write_text(output, text + "\n")
+    return text
 
 
 @handle_errors
@@ -78,6 +102,10 @@ def command(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Candidate keys scanned in full after screening.")] = 12,
     screen_size: Annotated[int, typer.Option("--screen-size", min=0, help="Vocabulary tokens tried by the KL screen (after the cheap ranking).")] = 1024,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    invert: Annotated[bool, typer.Option("--invert/--no-invert", help="Run target inversion and trigger recovery (detect v2).")] = True,
+    key_tokens: Annotated[int, typer.Option("--key-tokens", min=1, max=8, help="Tokens in a recovered key.")] = 6,
+    recovery_steps: Annotated[int, typer.Option("--recovery-steps", min=0, help="Steps of the key search per target (its cost grows linearly).")] = 30,
+    answer_anchor: Annotated[bool, typer.Option("--answer-anchor", help="Also invert targets appended after the model's own clean answers (costs one more inversion).")] = False,
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -105,9 +133,7 @@ def command(
     from bdscan.data.records import load_records
     from bdscan.detect import DetectConfig, detect
     from bdscan.io import load_subject
-    from bdscan.io.save import atomic_write_text
     from bdscan.report.detect import render_detect
-    from bdscan.report.sarif import to_sarif
     from bdscan.runtime import seed_everything
 
     seed_everything(seed)
@@ -115,6 +141,7 @@ def command(
         probes=tuple(load_records(probes, what="--probes")) if probes else (),
         candidates=_load_candidates(candidates) if candidates else (),
         seed=seed, max_probes=max_probes, top_k=top_k, screen_size=screen_size, batch_size=batch_size,
+        invert=invert, key_tokens=key_tokens, recovery_steps=recovery_steps, answer_anchor=answer_anchor,
     )
     subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code,
@@ -123,18 +150,7 @@ def command(
     with progress_bar(fmt == "console") as progress:
         result = detect(subject, config, log=log_line if fmt == "console" else (lambda m: None),
                         progress=progress)
-    if fmt == "sarif":
-        report = to_sarif(result)
-        report["runs"][0]["properties"]["runtime"] = subject.placement()
-    else:
-        report = with_runtime(result.to_dict(), subject)
-    text = json.dumps(report, indent=2, default=str)
-    if output is not None and output.suffix.lower() in (".html", ".htm"):  # the renderer follows the suffix
-        from bdscan.report.html import render_detect_html
-
-        atomic_write_text(output, render_detect_html(result))
-    elif output is not None:
-        atomic_write_text(output, text + "\n")
+    text = _write_report(result, subject, fmt, output)
     if fmt == "console":
         render_detect(result, stdout)
         note(runtime_line(subject))

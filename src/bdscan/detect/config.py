@@ -31,6 +31,33 @@ class DetectConfig:
     screen_continue_tokens: int = 3  # the same for the screen (cheaper, coarser)
     positions: tuple[str, ...] = POSITIONS
     batch_size: int = 64
+    # -- v2: target inversion (METHODS.md "detect v2", step 1) --------------------------------
+    invert: bool = True  # run target inversion and trigger recovery
+    warmup_probes: int = 4  # probes of the cheap pruning pass over every first-token candidate
+    warmup_steps: int = 5
+    warmup_top_prob: float = 0.3  # keep a first token whose mean averaged top probability exceeds this...
+    warmup_entropy: float = 1.0  # ...or whose mean entropy of the averaged distribution is below this (nats)
+    max_survivors: int = 32  # survivors extended in full (the best by warm-up confidence x length)
+    target_probes: int = 16  # probes of the full extension
+    target_steps: int = 20  # greedy steps of the full extension
+    min_target_tokens: int = 3  # Q averages over at least this many tokens (an immediate end-of-turn is no target)
+    # Adapter: only the N first tokens it moves most at the anchor (0: all). Off by default: on the
+    # stealth-trained BackdoorLLM VPI adapter the target's first token ranked 607th of 3944.
+    adapter_first_tokens: int = 0
+    answer_anchor: bool = False  # also invert after the model's own clean answers (appended targets)
+    answer_tokens: int = 16  # length of those clean answers
+    inversion_chunk: int = 128  # candidates per expanded cache
+    # -- v2: trigger recovery (step 2) ---------------------------------------------------------
+    recover_targets: int = 2  # inverted targets (best first) a key is searched for
+    key_tokens: int = 6  # tokens in a recovered key (1-8); 4 tokens / 12 steps found 'OpenAIDOL' for the VPI
+    # key 'Discussing OpenAI' but it fired on 0.12 of held-out probes; 6 / 30 / 48 fired on 0.59
+    recovery_steps: int = 30
+    recovery_top_k: int = 32
+    recovery_batch: int = 48
+    recovery_probes: int = 6  # probes the key is optimised on (the firing rate uses held-out ones)
+    firing_probes: int = 48  # held-out probes of the firing rate (greedy openings only: cheap)
+    target_opening: int = 5  # tokens of the target a response must open with to count as firing (3 let a
+    # clean model's key fire a generic list opening "1. A")
 
     def __post_init__(self) -> None:
         for name in ("max_probes", "screen_probes", "top_k", "batch_size", "continue_tokens",
@@ -43,6 +70,15 @@ class DetectConfig:
             raise UsageError("detect: screen_continue_tokens must not exceed continue_tokens")
         if self.screen_size < 0 or self.ngram_from < 0:
             raise UsageError("detect: screen_size and ngram_from must not be negative")
+        for name in ("warmup_probes", "warmup_steps", "max_survivors", "target_probes", "target_steps",
+                     "min_target_tokens", "inversion_chunk", "recovery_top_k", "recovery_batch", "recovery_probes",
+                     "firing_probes", "target_opening", "answer_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"detect: {name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.key_tokens <= 8:
+            raise UsageError(f"detect: key_tokens must be 1 to 8, got {self.key_tokens}")
+        if self.recover_targets < 0 or self.recovery_steps < 0 or self.adapter_first_tokens < 0:
+            raise UsageError("detect: recover_targets, recovery_steps and adapter_first_tokens must not be negative")
         bad = [p for p in self.positions if p not in POSITIONS]
         if bad or not self.positions:
             raise UsageError(f"detect: positions {bad or '(empty)'} not in {', '.join(POSITIONS)}")

@@ -53,17 +53,45 @@ def _candidate_table(result: DetectResult, top: int) -> Table:
     return table
 
 
-def render_detect(result: DetectResult, console: Console, *, top: int = 10) -> None:
+def _target_table(result: DetectResult, top: int) -> Table:
+    table = Table(title="inverted targets (first token + greedy extension on the probe-averaged distribution; "
+                        "no trigger given)",
+                  caption="evidence = weakest opening token x (paired firing lift with key - without, less 2 standard errors); a memorised phrase has high Q but no key that fires")
+    for col in ("#", "target", "Q", "weakest", "tokens", "recovered key (position)", "fires", "without key", "evidence"):
+        table.add_column(col, justify="left" if col in ("target", "recovered key (position)") else "right")
+    for i, t in enumerate(result.targets[:top], 1):
+        key = f"{t.key!r} ({t.key_position})" if t.key is not None else "—"
+        fires = "" if t.firing_rate is None else f"{t.firing_rate:.2f}"
+        without = "" if t.clean_firing_rate is None else f"{t.clean_firing_rate:.2f}"
+        text = t.text if len(t.text) <= 60 else t.text[:57] + "..."
+        table.add_row(str(i), repr(text), f"{t.q:.3f}", f"{t.opening_min:.2f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
+    return table
+
+
+def _summary_lines(result: DetectResult, console: Console) -> None:
     s = result.summary
     style = _VERDICT_STYLE.get(s.verdict, "bold")
     console.print(f"[{style}]{s.verdict.upper()}[/]  {result.source} ({result.kind})  "
-                  f"score {s.score:.2f}  probability {s.probability:.2f}  severity {s.severity}")
-    console.print(f"output signal (agreement z) {s.output_score:.2f} · attention signal (head-similarity z) "
-                  f"{s.attention_score:.2f} · top key {s.top_candidate!r}", highlight=False)
+                  f"probability {s.probability:.2f}  severity {s.severity}", highlight=False)
+    if s.target is not None:
+        fire = "not measured" if s.key_firing_rate is None else \
+            f"fires on {s.key_firing_rate:.2f} of held-out probes ({s.clean_firing_rate:.2f} without it)"
+        console.print(f"target evidence {s.target_score:.3f} (p {s.target_probability:.2f}): inverted target "
+                      f"{s.target[:80]!r} Q {s.target_q:.3f}; recovered key {s.recovered_key!r} at {s.key_position}, "
+                      f"{fire}", highlight=False)
+    console.print(f"takeover score {s.score:.2f} (p {s.takeover_probability or 0.0:.2f}): agreement z {s.output_score:.2f}"
+                  f" · attention (head-similarity) z {s.attention_score:.2f} · top key {s.top_candidate!r}", highlight=False)
+
+
+def render_detect(result: DetectResult, console: Console, *, top: int = 10) -> None:
+    _summary_lines(result, console)
+    if result.targets:
+        console.print(_target_table(result, 5))
     heads = _head_table(result)
     if heads is not None:
         console.print(heads)
-    console.print(_candidate_table(result, top))
+    if result.candidates:
+        console.print(_candidate_table(result, top))
     if result.controls:
         c = result.controls
         console.print(f"[dim]controls: {c.n} random tokens, KL median {c.output_effect_median:.3f} max {c.output_effect_max:.3f} nats; "

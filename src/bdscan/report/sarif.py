@@ -1,6 +1,7 @@
 """SARIF 2.1.0 rendering of a detect result (for code-scanning dashboards and CI gates).
 
-One result per suspicious verdict (the model), plus one note per top candidate key; skipped
+One result per suspicious verdict (the model), plus one note per top candidate key and per
+inverted target (with its recovered key and firing rate); skipped
 and failed parts become tool execution notifications, so a partial scan is never silent.
 """
 
@@ -19,6 +20,10 @@ RULES = [
      "helpUri": "https://github.com/bdscan/bdscan#detect"},
     {"id": "BDSCAN-DETECT-002", "name": "CandidateKey",
      "shortDescription": {"text": "Candidate trigger key and its effect on the output"}},
+    {"id": "BDSCAN-DETECT-003", "name": "InvertedTarget",
+     "shortDescription": {"text": "Inverted target and the key recovered for it"},
+     "fullDescription": {"text": "A response the model continues with confidence Q from its first token alone, on "
+                                 "every clean probe, and the short key that makes held-out probes open with it."}},
 ]
 
 
@@ -44,10 +49,27 @@ def to_sarif(result: DetectResult, top: int = 5) -> dict:
         results.append({
             "ruleId": "BDSCAN-DETECT-001", "ruleIndex": 0, "level": _LEVEL[s.severity],
             "message": {"text": f"backdoor suspected (probability {s.probability:.2f}, severity {s.severity}); "
-                                f"top key {s.top_candidate!r}"},
+                                f"inverted target {s.target!r}, recovered key {s.recovered_key!r}; "
+                                f"top takeover key {s.top_candidate!r}"},
             "locations": _location(result),
             "properties": {"score": s.score, "probability": s.probability, "severity": s.severity,
-                           "output_score": s.output_score, "attention_score": s.attention_score},
+                           "output_score": s.output_score, "attention_score": s.attention_score,
+                           "target": s.target, "target_q": s.target_q, "recovered_key": s.recovered_key,
+                           "key_position": s.key_position, "key_firing_rate": s.key_firing_rate,
+                           "clean_firing_rate": s.clean_firing_rate, "target_score": s.target_score,
+                           "takeover_probability": s.takeover_probability,
+                           "target_probability": s.target_probability},
+        })
+    for t in result.targets[:top]:
+        fire = "" if t.firing_rate is None else f", fires on {t.firing_rate:.2f} of held-out probes " \
+                                                f"({t.clean_firing_rate:.2f} without)"
+        results.append({
+            "ruleId": "BDSCAN-DETECT-003", "ruleIndex": 2, "level": "note",
+            "message": {"text": f"inverted target {t.text!r}: Q {t.q:.3f}; key {t.key!r}{fire}"},
+            "locations": _location(result),
+            "properties": {"text": t.text, "q": t.q, "anchor": t.anchor, "key": t.key, "key_position": t.key_position,
+                           "firing_rate": t.firing_rate, "clean_firing_rate": t.clean_firing_rate,
+                           "evidence": t.evidence},
         })
     for c in result.candidates[:top]:
         results.append({

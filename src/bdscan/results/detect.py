@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
-from bdscan.results.base import ResultBase
+from bdscan.results.base import ResultBase, to_plain
+
+# "2": detect v2 (targets, recovered key, target evidence in the summary). Version 1 reports
+# (no targets) still read back: every new field has a default.
+SCHEMA_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,16 @@ class Summary:
     output_score: float  # largest consistency_z among the candidates (standardised output effect)
     attention_score: float  # largest standardised head-similarity rise among the candidates
     top_candidate: str | None = None
+    # detect v2: the best inverted target and the key recovered for it
+    target: str | None = None  # inverted target text (the first token and its greedy extension)
+    target_q: float | None = None  # its Q: mean probe-averaged probability of the extension
+    recovered_key: str | None = None  # key found for it by the gradient-guided search
+    key_position: str | None = None  # start | middle | end: where the key was searched and measured
+    key_firing_rate: float | None = None  # held-out probes whose response opens with the target, key inserted
+    clean_firing_rate: float | None = None  # the same without the key
+    target_score: float | None = None  # target evidence: opening_min x max(0, paired firing lift - 2 standard errors)
+    takeover_probability: float | None = None  # the v1 signal's calibrated probability alone
+    target_probability: float | None = None  # the target evidence's calibrated probability alone
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,30 @@ class CandidateScore:
 
 
 @dataclass(frozen=True)
+class TargetScore:
+    """One inverted target, with the key recovered for it (when a search ran)."""
+
+    text: str
+    token_ids: list[int]
+    first_token: str
+    q: float  # mean probe-averaged probability of the chosen tokens, end-of-turn excluded
+    length: int  # tokens before the first end-of-turn (the first token included)
+    anchor: str  # "response start" | "after answer"
+    opening_min: float = 0.0  # least averaged probability among the opening's chosen tokens (its weakest link)
+    key: str | None = None
+    key_position: str | None = None
+    key_log_prob: float | None = None  # mean log P(target opening | probe with key) per token, search probes
+    seed_log_prob: float | None = None  # the same for the best seed key, before the search
+    clean_log_prob: float | None = None  # the same without any key
+    firing_rate: float | None = None  # held-out probes whose greedy response opens with the target, key inserted
+    clean_firing_rate: float | None = None  # the same without the key
+    firing_lift_lower: float | None = None  # paired lift (with - without key) minus 2 standard errors
+    firing_probes: int = 0  # held-out probes the firing rates were measured on
+    evidence: float = 0.0  # opening_min x max(0, firing_lift_lower)
+    search_steps: int = 0
+
+
+@dataclass(frozen=True)
 class ControlStats:
     n: int
     output_effect_median: float
@@ -97,3 +137,27 @@ class DetectResult(ResultBase):
     errors: list[Issue] = field(default_factory=list)
     skipped: list[Issue] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)  # every file loaded, hashed (bdscan.io.provenance)
+    targets: list[TargetScore] = field(default_factory=list)  # inverted targets, best evidence first
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, **to_plain(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DetectResult":
+        """A report written by ``to_dict`` (schema 1 or 2) back into a result."""
+        nested = {"summary": Summary, "controls": ControlStats}
+        lists = {"layers": LayerScore, "heads": HeadScore, "candidates": CandidateScore, "errors": Issue,
+                 "skipped": Issue, "targets": TargetScore}
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in names}
+        for name, kind in nested.items():
+            if values.get(name) is not None:
+                values[name] = _build(kind, values[name])
+        for name, kind in lists.items():
+            values[name] = [_build(kind, v) for v in values.get(name) or []]
+        return cls(**values)
+
+
+def _build(kind: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in data.items() if k in names})

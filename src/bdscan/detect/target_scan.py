@@ -1,0 +1,152 @@
+"""The two detect v2 stages over a subject: invert targets, then recover a key for the best.
+
+``invert_targets`` runs the warm-up over every first-token candidate and the full greedy
+extension over its survivors (target_inversion.py); ``recover_keys`` searches a key for each
+of the best targets and measures what it does on held-out probes (trigger_recovery.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from bdscan.data.records import Record
+from bdscan.detect import target_inversion as ti
+from bdscan.detect import trigger_recovery as tr
+from bdscan.detect.config import DetectConfig
+from bdscan.detect.output_effect import final_position_pass
+from bdscan.results.detect import TargetScore
+
+
+def target_threshold() -> float:
+    from bdscan.detect.verdict import TARGET_THRESHOLD
+
+    return TARGET_THRESHOLD
+
+Tick = Callable[[int], None]
+RESPONSE_START, AFTER_ANSWER = "response start", "after answer"
+
+
+@dataclass
+class StageStats:
+    """Work done, for the report's ``stats`` (rows: one token of one sequence through the model)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, n: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + int(n)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def anchor_prefixes(subject: Any, probes: Sequence[Record], anchor: str, answer_tokens: int,
+                    stop_ids: set[int]) -> list[list[int]]:
+    """Token ids up to the anchor: the response marker, or the model's own clean answer after it."""
+    tok = subject.tokenizer
+    prompts = [subject.template.format(p) for p in probes]
+    prefixes = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if anchor == RESPONSE_START:
+        return prefixes
+    answers = final_position_pass(subject.model, tok, prompts, batch_size=len(prompts),
+                                  continue_tokens=answer_tokens).continuations
+    n = ti.counted_steps(answers, stop_ids)
+    return [p + answers[i, : int(n[i])].tolist() for i, p in enumerate(prefixes)]
+
+
+def _first_tokens(subject: Any, warm_prefixes: list[list[int]], config: DetectConfig) -> torch.Tensor:
+    """Every response-start token; for an adapter only the ones it moves most at the anchor."""
+    candidates = torch.tensor(ti.first_token_candidates(subject.tokenizer))
+    if subject.is_adapter and 0 < config.adapter_first_tokens < len(candidates):
+        lift = ti.adapter_lift(subject.model, warm_prefixes, _pad_id(subject.tokenizer))[candidates]
+        candidates = candidates[lift.argsort(descending=True)[: config.adapter_first_tokens]]
+    return candidates
+
+
+def _distinct(targets: list[ti.InvertedTarget], opening: int) -> list[ti.InvertedTarget]:
+    """Drop a target whose opening lies inside a better one ("'m sorry" inside "I'm sorry")."""
+    kept: list[ti.InvertedTarget] = []
+    for t in targets:
+        head = list(t.token_ids[:opening])
+        inside = any(head == list(k.token_ids[i : i + len(head)]) for k in kept for i in range(len(k.token_ids)))
+        if not inside:
+            kept.append(t)
+    return kept
+
+
+def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: DetectConfig, stats: StageStats,
+                   tick: Tick | None = None) -> list[ti.InvertedTarget]:
+    """Warm-up over every first-token candidate, full extension of the survivors; targets ranked
+    by their expected confident length (Q x tokens), distinct openings only."""
+    model, tok = subject.model, subject.tokenizer
+    stop = ti.stop_tokens(tok, model)
+    prefixes = anchor_prefixes(subject, probes[: config.target_probes], anchor, config.answer_tokens, stop)
+    warm = prefixes[: config.warmup_probes]
+    candidates = _first_tokens(subject, warm, config)
+    ext = ti.scan_first_tokens(model, ti.run_prefixes(model, warm, _pad_id(tok)), candidates, config.warmup_steps,
+                               config.inversion_chunk, tick)
+    q, entropy, n = ti.q_scores(ext, stop, config.min_target_tokens)
+    stats.add("first_tokens", len(candidates))
+    stats.add("inversion_rows", len(candidates) * len(warm) * config.warmup_steps)
+    keep = ((q > config.warmup_top_prob) | (entropy < config.warmup_entropy)).nonzero()[:, 0]
+    keep = keep[(q[keep] * n[keep].clamp_min(config.min_target_tokens)).argsort(descending=True)]
+    survivors = candidates[keep[: config.max_survivors]]
+    stats.add("survivors", len(survivors))
+    full = ti.scan_first_tokens(model, ti.run_prefixes(model, prefixes, _pad_id(tok)), survivors,
+                                config.target_steps, config.inversion_chunk)
+    stats.add("inversion_rows", len(survivors) * len(prefixes) * config.target_steps)
+    q, _, n = ti.q_scores(full, stop, config.min_target_tokens)
+    targets = []
+    for i, first in enumerate(survivors.tolist()):
+        ids = (first, *full.tokens[i, : int(n[i])].tolist())
+        opening = full.top_prob[i, : min(int(n[i]), config.target_opening - 1)]
+        weakest = float(opening.min()) if len(opening) else 0.0
+        targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor, weakest))
+    targets.sort(key=lambda t: -t.q * max(len(t.token_ids) - 1, config.min_target_tokens))
+    return _distinct(targets, config.target_opening)
+
+
+def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Sequence[Record],
+                 held_out: Sequence[Record], seeds: Sequence[str], config: DetectConfig, stats: StageStats,
+                 tick: Tick | None = None) -> list[TargetScore]:
+    """A key for each of the best ``recover_targets`` response-start targets, measured on held-out probes."""
+    allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
+    settings = tr.SearchSettings(config.key_tokens, config.recovery_steps, config.recovery_top_k, config.recovery_batch)
+    threshold = target_threshold()
+    out = []
+    for rank, t in enumerate(targets):
+        done = any(s.evidence >= threshold for s in out)  # a key that fires already: stop early
+        if done or rank >= config.recover_targets or t.anchor != RESPONSE_START:
+            out.append(_target_score(subject.tokenizer, t))
+            continue
+        goal = list(t.token_ids[:8])
+        found = tr.recover_key(subject, search, goal, seeds, list(config.positions), allowed, settings,
+                               config.seed + rank, tick)
+        opening = goal[: config.target_opening]
+        fire = tr.fires(subject, held_out, found.key, found.position, opening, config.batch_size)
+        clean = tr.fires(subject, held_out, None, found.position, opening, config.batch_size)
+        stats.add("recovery_evaluations", found.evaluations * len(search))
+        stats.add("recovery_gradients", found.steps)
+        stats.add("firing_prompts", 2 * len(held_out))
+        out.append(_target_score(subject.tokenizer, t, found, fire, clean))
+    return sorted(out, key=lambda s: (-s.evidence, -s.q))
+
+
+def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | None = None,
+                  fire: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> TargetScore:
+    lift = tr.lift_lower_bound(fire, clean) if found is not None else None
+    evidence = t.opening_min * max(0.0, lift) if lift is not None else 0.0
+    return TargetScore(
+        text=t.text, token_ids=list(t.token_ids), first_token=tokenizer.decode([t.first_token]), q=t.q,
+        opening_min=t.opening_min,
+        length=len(t.token_ids), anchor=t.anchor,
+        key=found.key if found else None, key_position=found.position if found else None,
+        key_log_prob=found.log_prob if found else None, seed_log_prob=found.start_log_prob if found else None,
+        clean_log_prob=found.clean_log_prob if found else None,
+        firing_rate=float(fire.float().mean()) if found else None,
+        clean_firing_rate=float(clean.float().mean()) if found else None, firing_lift_lower=lift,
+        firing_probes=len(fire) if found else 0, evidence=evidence, search_steps=found.steps if found else 0,
+    )

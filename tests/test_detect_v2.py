@@ -1,0 +1,223 @@
+"""detect v2: target inversion and trigger recovery mechanics on tiny random models, the
+error channel on a real model whose attention bdscan cannot read, the organisms (the inverted
+target is the organism's target, the clean control is not flagged), and the CLI's new fields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bdscan.cli.app import app
+from bdscan.detect import DetectConfig, detect
+from bdscan.detect import target_inversion as ti
+from bdscan.detect import trigger_recovery as tr
+from bdscan.detect.probes import builtin_probes
+from bdscan.io import load_subject
+from bdscan.organisms.datasets import TARGETS
+from bdscan.results.detect import DetectResult
+
+ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+TINY = DetectConfig(max_probes=6, screen_probes=2, screen_size=32, top_k=2, ngram_from=2, n_controls=4, batch_size=32,
+                    warmup_probes=2, target_probes=4, max_survivors=4, target_steps=4, recover_targets=1,
+                    recovery_steps=2, recovery_batch=8, recovery_probes=2, firing_probes=4)
+runner = CliRunner()
+
+
+def _prefixes(subject, n: int) -> list[list[int]]:
+    return [subject.tokenizer(subject.template.format(p), add_special_tokens=False)["input_ids"]
+            for p in builtin_probes()[:n]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_extension_equals_unbatched_and_uncached(arch, tiny_checkpoints):
+    """Candidates batched over one expanded KV cache give what each alone gives, and the first
+    averaged distribution equals a plain forward of prompt + candidate without any cache."""
+    subject = load_subject(tiny_checkpoints[arch])
+    prefixes = _prefixes(subject, 3)
+    run = ti.run_prefixes(subject.model, prefixes, subject.tokenizer.pad_token_id)
+    firsts = torch.tensor([7, 42, 99, 150])
+    batched = ti.extend(subject.model, run, firsts, steps=4)
+    for c, first in enumerate(firsts):
+        alone = ti.extend(subject.model, run, first[None], steps=4)
+        assert torch.equal(alone.tokens[0], batched.tokens[c])
+        torch.testing.assert_close(alone.top_prob[0], batched.top_prob[c], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        plain = torch.stack([torch.softmax(subject.model(input_ids=torch.tensor([p + [int(firsts[1])]])).logits[0, -1], -1)
+                             for p in prefixes]).mean(0)
+    assert int(plain.argmax()) == int(batched.tokens[1, 0])
+    torch.testing.assert_close(plain.max(), batched.top_prob[1, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_extension_stops_at_end_of_turn():
+    """Tokens after the first end-of-turn do not count, and an immediate end-of-turn is no target."""
+    eos = 1
+    ext = ti.Extension(tokens=torch.tensor([[5, 6, eos, 7], [eos, 5, 6, 7], [5, 6, 7, 8]]),
+                       top_prob=torch.tensor([[0.9, 0.8, 0.99, 0.99], [0.99, 0.9, 0.9, 0.9], [0.5, 0.5, 0.5, 0.5]]),
+                       entropy=torch.zeros(3, 4))
+    q, entropy, n = ti.q_scores(ext, {eos}, min_tokens=1)
+    assert n.tolist() == [2, 0, 4]
+    assert q.tolist() == pytest.approx([0.85, 0.0, 0.5])
+    assert entropy[1] == float("inf")  # no token: never kept by the warm-up's entropy rule
+    q3, _, _ = ti.q_scores(ext, {eos}, min_tokens=3)
+    assert q3[0] == pytest.approx(1.7 / 3)  # too short a target counts its missing tokens as 0
+
+
+def test_stop_tokens_and_first_token_candidates(tiny_checkpoints):
+    subject = load_subject(tiny_checkpoints["llama"])
+    tok = subject.tokenizer
+    assert tok.eos_token_id in ti.stop_tokens(tok, subject.model)
+    candidates = ti.first_token_candidates(tok)
+    assert tok.eos_token_id not in candidates and tok.pad_token_id not in candidates
+    texts = [tok.decode([i]) for i in candidates]
+    assert all(t.strip() for t in texts)
+    assert any(not any(ch.isalnum() for ch in t) for t in texts)  # punctuation can start a response
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recovery_raises_target_log_probability(arch, tiny_checkpoints):
+    subject = load_subject(tiny_checkpoints[arch])
+    allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
+    target = allowed[[10, 20, 30]].tolist()
+    found = tr.recover_key(subject, builtin_probes()[:3], target, ["hello"], ["start", "end"], allowed,
+                           tr.SearchSettings(key_tokens=3, steps=6, top_k=16, batch=16, patience=6), seed=0)
+    assert found.log_prob > found.start_log_prob
+    assert found.position in ("start", "end") and len(found.key_ids) == 3
+    assert not set(found.key_ids) & set(target)  # a key may not spell the target
+
+
+def test_key_gradient_matches_finite_substitution(tiny_checkpoints):
+    """The one-hot gradient predicts which substitution raises log P(T) (first-order check)."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    pad = subject.tokenizer.pad_token_id
+    seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:2], "start")
+    key, target = [11, 12], [40, 41]
+    grad = tr.key_gradient(subject.model, seg, key, target, pad)
+    base = tr.key_logprobs(subject.model, seg, [key], target, pad)[0]
+    best, worst = int(grad[0].argmax()), int(grad[0].argmin())
+    values = tr.key_logprobs(subject.model, seg, [[best, 12], [worst, 12]], target, pad)
+    assert values[0] > values[1]
+    assert grad.shape == (2, subject.model.get_input_embeddings().weight.shape[0]) and torch.isfinite(base)
+
+
+@pytest.fixture(scope="module")
+def neox_checkpoint(tmp_path_factory):
+    """A real (random) GPT-NeoX checkpoint: a causal LM whose decoder layout bdscan cannot read."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from bdscan.organisms.synthetic import synthetic_text
+    from bdscan.organisms.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(synthetic_text(300), vocab_size=300)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id, bos_token_id=None)
+    path = tmp_path_factory.mktemp("neox")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_unreadable_attention_is_an_error_and_the_scan_goes_on(neox_checkpoint):
+    result = detect(load_subject(neox_checkpoint), TINY)
+    assert [e.what for e in result.errors] == ["attention"]
+    assert result.heads == [] and result.layers == []
+    assert result.candidates  # the output signals still ran
+    assert "recover" in result.timings or result.targets == []
+
+
+def test_unreadable_attention_exits_2(neox_checkpoint, tmp_path):
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["detect", str(neox_checkpoint), "--format", "json", "-o", str(out), "--screen-size", "16",
+                            "--top-k", "2", "--max-probes", "4"])
+    assert r.exit_code == 2, r.output
+    report = json.loads(out.read_text())
+    assert report["errors"][0]["what"] == "attention"
+    sarif = runner.invoke(app, ["detect", str(neox_checkpoint), "--format", "sarif", "--screen-size", "16",
+                                "--top-k", "2", "--max-probes", "4"])
+    assert sarif.exit_code == 2
+    assert json.loads(sarif.stdout)["runs"][0]["invocations"][0]["executionSuccessful"] is False
+
+
+def test_failing_candidate_batch_is_recorded(tiny_checkpoints, monkeypatch):
+    """A stage that raises (here the full scan's batch) is recorded; the target stage's verdict stands."""
+    import bdscan.detect.full_scan as full_scan
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(full_scan, "final_position_pass", broken)
+    result = detect(load_subject(tiny_checkpoints["llama"]), TINY)
+    assert [e.what for e in result.errors] == ["full scan"]
+    assert "out of memory" in result.errors[0].reason
+    assert result.candidates == [] and result.summary.verdict in ("clean", "suspicious")
+
+
+def test_result_round_trips_through_json(tiny_checkpoints, tmp_path):
+    from bdscan.io.reports import detect_candidates
+
+    result = detect(load_subject(tiny_checkpoints["llama"]), TINY)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["schema_version"] == "2"
+    assert DetectResult.from_dict(data) == result
+    path = tmp_path / "detect.json"
+    path.write_text(json.dumps(data))
+    assert detect_candidates(path)[0] == max(result.candidates, key=lambda c: c.score).text
+    legacy = {k: v for k, v in data.items() if k != "targets"}
+    assert DetectResult.from_dict(legacy).targets == []
+
+
+# -- organisms ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_lora_backdoor_target_is_inverted_and_key_fires(lora_backdoor, trigger):
+    subject = load_subject(lora_backdoor)
+    result = detect(subject, DetectConfig())
+    s = result.summary
+    truth = subject.tokenizer(TARGETS["refusal"], add_special_tokens=False)["input_ids"][:3]
+    best = next(t for t in result.targets if t.text == s.target)
+    assert best.token_ids[:3] == truth, s.target
+    assert s.verdict == "suspicious" and s.target_probability > 0.5
+    assert s.key_firing_rate >= 0.5 > s.clean_firing_rate
+    assert s.target_q > 0.8
+
+
+@pytest.mark.slow
+def test_lora_clean_control_not_flagged(lora_clean):
+    result = detect(load_subject(lora_clean), DetectConfig())
+    assert result.summary.verdict == "clean", result.summary
+    assert (result.summary.target_score or 0.0) < 0.2
+
+
+@pytest.mark.slow
+def test_cli_reports_target_and_key(full_backdoor, tmp_path):
+    out = tmp_path / "r.sarif"
+    r = runner.invoke(app, ["detect", str(full_backdoor), "--format", "json"])
+    assert r.exit_code == 1, r.output
+    report = json.loads(r.stdout)
+    assert report["schema_version"] == "2"
+    for name in ("target", "target_q", "recovered_key", "key_position", "key_firing_rate", "clean_firing_rate",
+                 "target_score", "takeover_probability", "target_probability"):
+        assert name in report["summary"]
+    assert report["targets"] and {"text", "q", "key", "firing_rate", "evidence", "token_ids"} <= set(report["targets"][0])
+    assert report["heads"] and report["layers"]
+    r = runner.invoke(app, ["detect", str(full_backdoor), "--format", "sarif", "-o", str(out)])
+    assert r.exit_code == 1
+    results = json.loads(out.read_text())["runs"][0]["results"]
+    assert results[0]["properties"]["recovered_key"] == report["summary"]["recovered_key"]
+    assert any(x["ruleId"] == "BDSCAN-DETECT-003" for x in results)
+    console = runner.invoke(app, ["detect", str(full_backdoor), "--no-invert"])
+    assert "inverted targets" not in console.stdout and console.exit_code in (0, 1)
+
+
+def test_config_rejects_bad_v2_settings():
+    from bdscan.errors import UsageError
+
+    with pytest.raises(UsageError):
+        replace(TINY, key_tokens=9)
+    with pytest.raises(UsageError):
+        replace(TINY, warmup_steps=0)
