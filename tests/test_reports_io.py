@@ -49,9 +49,9 @@ def test_detect_report_reads_back_into_its_result(tmp_path, detect_report):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda r: r.pop("summary"), "summary: missing"),
-    (lambda r: r["candidates"][0].update(score="high"), r"candidates\[0\].score: expected a number"),
-    (lambda r: r.update(heads={}), "heads: expected a list"),
+    (lambda r: r.pop("summary"), "report: missing field 'summary'"),
+    (lambda r: r["candidates"][0].update(score="high"), r"report.candidates\[0\].score: expected a number"),
+    (lambda r: r.update(heads={}), "report.heads: expected a list"),
 ])
 def test_malformed_detect_report_names_the_field(tmp_path, detect_report, edit, message):
     from bdscan.io.reports import read_detect
@@ -75,5 +75,5 @@ def test_localize_report_round_trip(tmp_path):
     back = read_localize(path)
     assert back.modules == loc.modules and back.sites == loc.sites and back.gap == 1.5
     path.write_text(json.dumps({"verdict": "clean"}))
-    with pytest.raises(InputError, match="trigger_source: missing"):
+    with pytest.raises(InputError, match="missing field 'trigger_source'"):
         read_localize(path)

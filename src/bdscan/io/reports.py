@@ -5,12 +5,9 @@ not know (a newer bdscan's) are dropped."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from bdscan.errors import InputError
 
@@ -27,60 +24,14 @@ def read_json_report(path: str | Path, option: str) -> dict:
     return report
 
 
-class SchemaError(ValueError):
-    """A report field is missing or has the wrong type (message: its path)."""
-
-
-def from_plain(cls: type[T], data: Any, where: str = "") -> T:
-    """Rebuild the dataclass ``cls`` from its ``to_dict()`` form."""
-    if not isinstance(data, dict):
-        raise SchemaError(f"{where or 'report'}: expected an object")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SchemaError(f"{where + '.' if where else ''}{f.name}: missing")
-            continue
-        values[f.name] = _value(hints[f.name], data[f.name], f"{where + '.' if where else ''}{f.name}")
-    return cls(**values)
-
-
-def _value(hint: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _value(inner[0], value, where) if len(inner) == 1 else value
-    if dataclasses.is_dataclass(hint):
-        return from_plain(hint, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise SchemaError(f"{where}: expected a list")
-        items = [_value(args[0], v, f"{where}[{i}]") if args else v for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise SchemaError(f"{where}: expected an object")
-        return value
-    if hint is float:
-        if value is None:  # non-finite floats are written as null
-            return float("nan")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SchemaError(f"{where}: expected a number")
-        return float(value)
-    if hint in (int, str, bool) and type(value) is not hint:
-        raise SchemaError(f"{where}: expected {hint.__name__}")
-    return value
-
-
 def read_result(cls: type[T], path: str | Path, option: str, what: str) -> T:
     """A ``cls`` from a report file; a malformed one is an ``InputError`` naming the field."""
+    from bdscan.results.parse import from_plain  # the one JSON -> typed-result reader
+
     report = read_json_report(path, option)
     try:
-        return from_plain(cls, report)
-    except SchemaError as e:
+        return from_plain(cls, report, "report")
+    except InputError as e:
         raise InputError(f"{option} {path}: not a `bdscan {what}` JSON report ({e})") from None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,21 +142,9 @@ class DetectResult(ResultBase):
         return {"schema_version": SCHEMA_VERSION, **to_plain(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DetectResult":
-        """A report written by ``to_dict`` (schema 1 or 2) back into a result."""
-        nested = {"summary": Summary, "controls": ControlStats}
-        lists = {"layers": LayerScore, "heads": HeadScore, "candidates": CandidateScore, "errors": Issue,
-                 "skipped": Issue, "targets": TargetScore}
-        names = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {k: v for k, v in data.items() if k in names}
-        for name, kind in nested.items():
-            if values.get(name) is not None:
-                values[name] = _build(kind, values[name])
-        for name, kind in lists.items():
-            values[name] = [_build(kind, v) for v in values.get(name) or []]
-        return cls(**values)
+    def from_dict(cls, data: dict[str, Any], where: str = "detect report") -> "DetectResult":
+        """A report written by ``to_dict`` (schema 1 or 2) back into a result, every field
+        type-checked (``bdscan.results.parse``); fields this bdscan does not know are dropped."""
+        from bdscan.results.parse import from_plain
 
-
-def _build(kind: type, data: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(kind)}
-    return kind(**{k: v for k, v in data.items() if k in names})
+        return from_plain(cls, data, where)
