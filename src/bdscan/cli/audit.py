@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from bdscan.cli.devices import Device, Dtype, placement_of
-from bdscan.cli.common import Base, GGUFFile, JsonOut, Seed, Source, handle_errors, progress_bar, quiet_libraries, stderr, stdout
+from bdscan.cli.common import (Base, GGUFFile, JsonOut, Seed, Source, handle_errors, output_format, progress_bar,
+                               quiet_libraries, stderr, stdout)
 
 FORMATS = ("console", "json")
 
@@ -48,14 +49,8 @@ def command(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    from bdscan.errors import UsageError
 
-    if as_json:  # the flag every command has; the same as --format json
-        if fmt not in ("console", "json"):
-            raise UsageError(f"--json contradicts --format {fmt}")
-        fmt = "json"
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    fmt = output_format(fmt, as_json, FORMATS)
     quiet_libraries()
     import json
 

@@ -104,6 +104,19 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
         yield update
 
 
+def output_format(fmt: str, as_json: bool, formats: tuple[str, ...]) -> str:
+    """``--format`` with ``--json`` (the flag every command has) folded in; exit 4 on a clash."""
+    from bdscan.errors import UsageError
+
+    if as_json:
+        if fmt not in ("console", "json"):
+            raise UsageError(f"--json contradicts --format {fmt}")
+        fmt = "json"
+    if fmt not in formats:
+        raise UsageError(f"--format {fmt!r}: choose one of {', '.join(formats)}")
+    return fmt
+
+
 def emit(result_dict: dict, *, as_json: bool, output: Path | None, render: Callable[[Console], None]) -> None:
     """Print the result (table or JSON) and write the JSON report file if asked."""
     text = json.dumps(result_dict, indent=2, default=str)

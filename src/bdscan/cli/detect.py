@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from bdscan.cli.common import (AllowPickle, Base, JsonOut, Seed, Source, GGUFFile, TrustRemoteCode, handle_errors, progress_bar,
-                               quiet_libraries)
+from bdscan.cli.common import (AllowPickle, Base, GGUFFile, JsonOut, Seed, Source, TrustRemoteCode, handle_errors,
+                               output_format, progress_bar, quiet_libraries)
 from bdscan.cli.devices import Device, Dtype, placement_of, runtime_line, with_runtime
 
 FORMATS = ("console", "json", "sarif")
@@ -116,12 +116,7 @@ def command(
 ) -> None:
     from bdscan.errors import UsageError
 
-    if as_json:  # the flag every command has; the same as --format json
-        if fmt not in ("console", "json"):
-            raise UsageError(f"--json contradicts --format {fmt}")
-        fmt = "json"
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    fmt = output_format(fmt, as_json, FORMATS)
     if fail_on not in SEVERITIES:
         raise UsageError(f"--fail-on {fail_on!r}: choose one of {', '.join(SEVERITIES)}")
     from bdscan.cli.outputs import check_report_file, given_inputs, note, subject_inputs
