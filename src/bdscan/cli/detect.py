@@ -129,9 +129,7 @@ def command(
     from bdscan.detect import DetectConfig, detect
     from bdscan.io import load_subject
     from bdscan.report.detect import render_detect
-    from bdscan.runtime import seed_everything
 
-    seed_everything(seed)
     config = DetectConfig(
         probes=tuple(load_records(probes, what="--probes")) if probes else (),
         candidates=_load_candidates(candidates) if candidates else (),

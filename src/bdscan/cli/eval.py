@@ -57,7 +57,6 @@ def command(
     from bdscan.eval import EvalSpec, evaluate, evaluate_pair
     from bdscan.io import load_subject
     from bdscan.report.eval import render_comparison, render_eval
-    from bdscan.runtime import seed_everything
 
     if poison is None and trigger is None:
         raise UsageError("give --poison FILE and/or --trigger TEXT: there is nothing to measure ASR on")
@@ -67,7 +66,6 @@ def command(
     bad = [p for p in pos if p not in POSITIONS]
     if bad or not pos:
         raise UsageError(f"--positions: {', '.join(bad) or '(empty)'} not in {', '.join(POSITIONS)}")
-    seed_everything(seed)
     spec = EvalSpec(
         clean=load_records(clean, limit=limit, what="--clean"),
         poison=load_records(poison, limit=limit, what="--poison") if poison else (),

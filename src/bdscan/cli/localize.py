@@ -54,7 +54,6 @@ def command(
     from bdscan.io.reports import detect_candidates
     from bdscan.localize import LocalizeConfig, localize
     from bdscan.report.localize import render_localize
-    from bdscan.runtime import seed_everything
 
     if (trigger is None) == (from_detect is None):
         raise UsageError("give exactly one of --trigger TEXT and --from-detect detect.json")
@@ -69,7 +68,6 @@ def command(
     placement = placement_of(device, dtype)
     check_report_file("-o", output, given_inputs(source, base, files=(clean, from_detect)))
     candidates = detect_candidates(from_detect) if from_detect is not None else []
-    seed_everything(seed)
     records = require_prompt_lengths(load_records(clean, limit=limit, what="--clean"), "--clean")
     subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code,
