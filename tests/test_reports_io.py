@@ -77,3 +77,15 @@ def test_localize_report_round_trip(tmp_path):
     path.write_text(json.dumps({"verdict": "clean"}))
     with pytest.raises(InputError, match="missing field 'trigger_source'"):
         read_localize(path)
+
+
+def test_purify_inputs_lead_with_detects_recovered_key(tmp_path, detect_report):
+    import dataclasses
+
+    from bdscan.io.reports import read_detect
+    from bdscan.purify import PurifyInputs
+
+    result = read_detect(detect_report(tmp_path / "d.json", [("takeover", 9.0), ("other", 1.0), ("found key", 0.5)]))
+    assert PurifyInputs(subject=None, clean=[], detection=result).candidates == ["takeover", "other", "found key"]
+    v2 = dataclasses.replace(result, summary=dataclasses.replace(result.summary, recovered_key="found key"))
+    assert PurifyInputs(subject=None, clean=[], detection=v2).candidates == ["found key", "takeover", "other"]

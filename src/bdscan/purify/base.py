@@ -36,7 +36,13 @@ class PurifyInputs:
     def __post_init__(self) -> None:
         if not self.candidates and self.detection is not None:
             ranked = sorted(enumerate(self.detection.candidates), key=lambda ic: (-float(ic[1].score or 0.0), ic[0]))
-            self.candidates = [c.text for _, c in ranked if c.text.strip()]
+            keys = [c.text for _, c in ranked if c.text.strip()]
+            # detect v2's recovered key was searched to elicit the inverted target and measured
+            # to fire on held-out probes: it leads, whatever its takeover score.
+            recovered = getattr(self.detection.summary, "recovered_key", None)
+            if recovered and recovered.strip():
+                keys = [recovered] + [k for k in keys if k != recovered]
+            self.candidates = keys
 
     def keys(self, limit: int) -> list[str]:
         """The first ``limit`` non-blank candidate keys."""
