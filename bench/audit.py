@@ -69,7 +69,8 @@ def audit_row(recipe, args, workdir: Path) -> dict:
     result = audit(str(path), clean=clean, eval_clean=held_out, out=workdir / recipe.label, config=config)
     row = {"organism": recipe.label, "backdoored": recipe.backdoored, "verdict": result.verdict,
            "exit_code": result.exit_code, "audit_seconds": round(time.time() - t0, 1),
-           "recovered_key": result.key, "stages": [s.name + ":" + s.status for s in result.stages]}
+           "recovered_key": result.key,
+           "stages": [f"{s.name}: {s.status}" + (f" ({s.error})" if s.error else "") for s in result.stages]}
     if "model" in result.outputs and recipe.backdoored:  # the true trigger, after the fact
         spec = EvalSpec(clean=data.clean_test[:100], poison=data.poison_test[:100], judge=data.task)
         pair = evaluate_pair(load_subject(path), load_subject(result.outputs["model"]), spec)

@@ -221,3 +221,20 @@ def test_config_rejects_bad_v2_settings():
         replace(TINY, key_tokens=9)
     with pytest.raises(UsageError):
         replace(TINY, warmup_steps=0)
+
+
+def test_detect_takes_no_progress_callback(tmp_path):
+    """Library callers (audit without a terminal, benchmarks) pass progress=None."""
+    from bdscan.detect import DetectConfig, detect
+    from bdscan.organisms.architectures import tiny_model
+    from bdscan.organisms.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["a few words of text to learn from", "more words here"], 300)
+    model = tiny_model("llama", len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "m")
+    from bdscan.io import load_subject
+
+    result = detect(load_subject(tmp_path / "m"), DetectConfig(max_probes=4, top_k=2, screen_size=8, recovery_steps=1),
+                    progress=None)
+    assert result.summary.verdict in ("clean", "suspicious")

@@ -147,10 +147,10 @@ def _targets(run: ScanRun, sets: ProbeSets, seeds: list[str]) -> list[TargetScor
 
 
 def detect(subject: Any, config: DetectConfig, log: Log = lambda _: None,
-           progress: Progress = lambda stage, done, total: None) -> DetectResult:
+           progress: Progress | None = None) -> DetectResult:
     """Scan ``subject`` for a backdoor without knowing its trigger; see METHODS.md "detect" / "detect v2"."""
     t_all = time.perf_counter()
-    run = ScanRun(subject, config, log, progress)
+    run = ScanRun(subject, config, log, progress or (lambda stage, done, total: None))
     torch.manual_seed(config.seed)
     sets = _probe_sets(run)
     n_layers = _attention_readable(run)
