@@ -34,5 +34,8 @@ def test_help_paragraphs_are_single_lines(command):
     import importlib
 
     text = importlib.import_module(f"bdscan.cli.{command}").HELP
-    for paragraph in text.strip().split("\n\n"):
-        assert "\n" not in paragraph.strip(), f"{command} HELP is hard-wrapped: {paragraph[:60]!r}..."
+    paragraphs = [p.strip() for p in text.strip().split("\n\n")]
+    for paragraph in paragraphs:
+        assert "\n" not in paragraph, f"{command} HELP is hard-wrapped: {paragraph[:60]!r}..."
+    openings = [p.split(":")[0] for p in paragraphs if ":" in p[:20]]
+    assert len(openings) == len(set(openings)), f"{command} HELP repeats a paragraph: {openings}"

@@ -21,8 +21,6 @@ Two lines of evidence. Target: every response-start token is placed after the re
 
 Severity: the larger calibrated probability of the two lines; low p >= 0.5, medium p >= 0.75, high p >= 0.95. Thresholds are calibrated on clean controls only. Measured on the tiny built-in organisms over 10 detect seeds (bench/results/detect-builtin.json): the demo's backdoored adapter was flagged on 10 of 10 seeds, each at high; its clean twin on 1 of 10 (that one at high, p 0.98). At the default seed 3 of 4 backdoored organisms and 0 of 8 clean controls were flagged. So --fail-on low, medium and high gate the same on these organisms; a clean model is still flagged on about 1 seed in 10.
 
-Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error (also when a stage of the scan failed), 3 scan incomplete or nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
-
 Exit codes: 0 clean, 1 suspicious at or above --fail-on, 2 error (any stage failed: the report lists it in errors), 3 scan incomplete or nothing scannable (layers or probes skipped: never 0 then), 4 usage error.
 
 Example: bdscan detect ./suspect-adapter --format sarif -o detect.sarif --fail-on low
