@@ -88,13 +88,14 @@ def known_targets(detection: Any, tokenizer: Any, limit: int) -> list[KnownTarge
     detect's own target threshold; at most ``limit``, distinct, each with a continuation."""
     scores = list(getattr(detection, "targets", None) or [])
     headline = getattr(getattr(detection, "summary", None), "target", None)
-    picked = [s for s in scores if s.text == headline][:1] or ([headline] if headline else [])
-    picked += [s for s in scores if s.evidence >= TARGET_THRESHOLD and s.text != headline]
+    chosen = [s for s in scores if s.text == headline][:1]
+    chosen += [s for s in scores if s.evidence >= TARGET_THRESHOLD and s.text != headline]
+    found = [(s.text, s.token_ids, s.anchor) for s in chosen]
+    if headline and not any(s.text == headline for s in scores):  # a summary without its target list
+        found.insert(0, (headline, [], RESPONSE_START))
     out: list[KnownTarget] = []
-    for s in picked:
-        text = s if isinstance(s, str) else s.text
-        ids = _token_ids(tokenizer, text, [] if isinstance(s, str) else s.token_ids)
-        anchor = RESPONSE_START if isinstance(s, str) else s.anchor
+    for text, token_ids, anchor in found:
+        ids = _token_ids(tokenizer, text, token_ids)
         if len(ids) >= 2 and all(ids != t.token_ids for t in out):
             out.append(KnownTarget(text, ids, anchor))
     return out[:limit]

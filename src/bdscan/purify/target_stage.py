@@ -51,7 +51,8 @@ class TargetStage:
                 self.status, self.error = "skipped", "the detect report names no target"
                 return
             before = tc.measure_targets(subject, self.targets, self.probes, self.config)
-            self.reaches = [TargetReach(t.text, t.anchor, r.q, r.forced, r.forced_min) for t, r in zip(self.targets, before)]
+            self.reaches = [TargetReach(t.text, t.anchor, r.q, r.forced, r.forced_min)
+                            for t, r in zip(self.targets, before)]
 
         self._attempt("before", run)
 
@@ -63,7 +64,8 @@ class TargetStage:
             purified = dataclasses.replace(subject, model=model)
             after = tc.measure_targets(purified, self.targets, self.probes, self.config)
             self.reaches = [dataclasses.replace(t, q_after=r.q, forced_after=r.forced, forced_min_after=r.forced_min,
-                                                extension_after=r.extension, still_reachable=tc.still_reachable(r.forced_min))
+                                                extension_after=r.extension,
+                                                still_reachable=tc.still_reachable(r.forced_min))
                             for t, r in zip(self.reaches, after)]
             for t in self.reaches:
                 self.log(f"target {t.text[:40]!r}: weakest link {t.forced_min_before:.2f} -> {t.forced_min_after:.2f}"
