@@ -143,6 +143,7 @@ def test_backdoored_adapter_is_repaired_exit_5(repaired_audit):
     assert set(report.eval_after.asr_by_position) == {"start", "middle", "end"}
     assert report.eval_after.n_clean == 40 and report.settings["eval_held_out"]  # measured on held-out prompts
     assert report.detect_after is not None and report.purify.output == str(out / "purified")
+    assert report.purify.target_check.status == "ok" and report.purify.target_check.targets  # detect's target, re-checked
     sarif = json.loads((out / "audit.sarif").read_text())
     assert sarif["version"] == "2.1.0" and sarif["runs"][0]["properties"]["audit_verdict"] == "repaired"
     assert "bdscan localize" in (out / "report.html").read_text()

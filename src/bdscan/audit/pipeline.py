@@ -163,9 +163,14 @@ def _run_purify(runner: StageRunner, prep: Prepared, found: StageResults, config
                                   work_dir=Path(work), log=runner.log, progress=runner.progress)
             return purify(config.method, PURIFIERS.get(config.method).config_class(), inputs)
 
-    done = runner.run("purify", run, lambda r: f"{config.method}: {len(r[0].modules_changed)} modules changed in "
-                      f"{r[0].seconds:.1f}s", command)
+    done = runner.run("purify", run, lambda r: _purify_summary(config.method, r[0]), command)
     return (None, None) if done is None else done
+
+
+def _purify_summary(method: str, result) -> str:
+    text = f"{method}: {len(result.modules_changed)} modules changed in {result.seconds:.1f}s"
+    reachable = result.target_check.reachable if result.target_check is not None else []
+    return text + (f"; target still reachable: {reachable[0].text[:40]!r}" if reachable else "")
 
 
 def _evaluate(subject, spec, reference_responses, progress):

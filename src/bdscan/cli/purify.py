@@ -19,7 +19,7 @@ HELP = """Purify a suspicious checkpoint or LoRA adapter and write the result as
 
 Methods: latent-adv (latent adversarial repair against detect's target), signature (backdoor-signature suppression), kfac-lora (low-rank repair of the modules `bdscan localize` ranks; with --from-detect and no --localization purify localizes first), collapse, head-align, and the baselines finetune, prune, fine-prune and quantize. `bdscan purify --list-methods` lists them.
 
-Knobs come from the method's defaults, then --recipe YAML, then --set key=value. A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same base. OUT must not exist (or pass --overwrite) and may not be inside the input. With --poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity and agreement with the suspicious model are always measured. report.json goes in OUT.
+Knobs come from the method's defaults, then --recipe YAML, then --set key=value. A full checkpoint is written as a full checkpoint; an adapter as a new adapter on the same base. OUT must not exist (or pass --overwrite) and may not be inside the input. With --poison or --trigger, ASR before/after is measured; clean false-trigger rate, perplexity and agreement with the suspicious model are always measured. With --from-detect, detect's inverted targets are measured before and after (Q, and the probability of the target's own tokens), and a target the purified model still continues says "target still reachable". report.json goes in OUT.
 
 Example: bdscan purify ./adapter --method signature --clean clean.json -o ./adapter-purified
 """
@@ -54,7 +54,7 @@ def command(
     variants: Annotated[Optional[int], typer.Option("--variants", min=1, help="signature: number of synthetic variants N (same as --set variants=N).")] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", min=0.0, max=1.0, help="signature: share of MLP channels in the signature (same as --set ratio=R).")] = None,
     localization: Annotated[Optional[Path], typer.Option("--localization", help="`bdscan localize` JSON (kfac-lora).")] = None,
-    from_detect: Annotated[Optional[Path], typer.Option("--from-detect", help="`bdscan detect` JSON: its candidate keys guide the methods that use them.")] = None,
+    from_detect: Annotated[Optional[Path], typer.Option("--from-detect", help="`bdscan detect` JSON: its candidate keys and targets guide the methods that use them; its targets are re-checked on the output.")] = None,
     poison: Annotated[Optional[Path], typer.Option("--poison", help="Triggered prompts to measure ASR before/after (evaluation only).")] = None,
     trigger: Annotated[Optional[str], typer.Option("--trigger", help="Known trigger to measure ASR before/after (evaluation only; never given to the method).")] = None,
     judge: Annotated[str, typer.Option("--judge", help="Behaviour judge for ASR: refusal | negsentiment | code-injection | string:T | regex:P")] = "refusal",

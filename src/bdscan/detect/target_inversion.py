@@ -80,9 +80,12 @@ def run_prefixes(model: Any, prefixes: Sequence[Sequence[int]], pad_id: int) -> 
 
 
 @torch.no_grad()
-def extend(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, steps: int) -> Extension:
+def extend(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, steps: int,
+           forced: torch.Tensor | None = None) -> Extension:
     """Append each of C first tokens to every prefix (rows ``probe * C + candidate`` of one
-    expanded cache) and extend greedily ``steps`` times on the probe-averaged distribution."""
+    expanded cache) and extend greedily ``steps`` times on the probe-averaged distribution.
+    ``forced`` ([C, steps] token ids) chooses those tokens instead of the greedy ones (teacher
+    forcing: the averaged probability of a known continuation)."""
     n_probes, n_cand = prefixes.mask.shape[0], len(first_tokens)
     device = _device(model)
     cache = copy.deepcopy(prefixes.cache)
@@ -97,11 +100,11 @@ def extend(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, steps: in
                     cache=cache, use_cache=True, logits_to_keep=1)
         cache = out.cache
         p = torch.softmax(out.logits[:, -1, :].float(), dim=-1).view(n_probes, n_cand, -1).mean(0)
-        top, top_id = p.max(-1)
-        chosen.append(top_id)
-        probs.append(top)
+        pick = p.argmax(-1) if forced is None else forced[:, step].to(device)
+        chosen.append(pick)
+        probs.append(p.gather(-1, pick[:, None])[:, 0])
         entropies.append(-(p * p.clamp_min(1e-12).log()).sum(-1))
-        token = top_id.repeat(n_probes)
+        token = pick.repeat(n_probes)
     return Extension(torch.stack(chosen, 1).cpu(), torch.stack(probs, 1).cpu(), torch.stack(entropies, 1).cpu())
 
 

@@ -1,5 +1,5 @@
 """``purify``: evaluate, localize when the method needs it, run one registered method,
-evaluate again, return a result."""
+evaluate again, check whether detect's targets are still reachable, return a result."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import dataclasses
 import time
 from typing import Any
 
+from bdscan.detect.target_check import TargetCheckConfig
 from bdscan.errors import UsageError
 from bdscan.eval.evaluate import EvalSpec, evaluate_with_responses
 from bdscan.purify.base import PURIFIERS, PurifierSpec, PurifyInputs, PurifyOutcome
+from bdscan.purify.target_stage import TargetStage
 from bdscan.results.purify import PurifyResult
 from bdscan.runtime import seed_everything
 
 
-def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpec | None = None) -> tuple[PurifyResult, PurifyOutcome]:
+def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpec | None = None,
+           target_check: TargetCheckConfig | None = TargetCheckConfig()) -> tuple[PurifyResult, PurifyOutcome]:
     """Run ``method``; with ``eval_spec``, measure the subject before and the purified
     model after on the same prompts (agreement is against the subject's clean responses).
+    With a detect result (and ``target_check``), its targets' Q is measured before and after.
     The seed is applied here, once, right before the method's own stages."""
     spec = PURIFIERS.get(method)
     subject = inputs.subject
@@ -25,11 +29,14 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
     before = before_clean = None
     if eval_spec is not None:
         before, before_clean = evaluate_with_responses(subject, eval_spec, None, None, inputs.progress)
+    targets = TargetStage(inputs.detection if target_check is not None else None, target_check, inputs.log)
+    targets.before(subject)  # before the method: it may change subject.model in place
     seed_everything(inputs.seed)
     t0 = time.time()
     inputs, stages = localize_stage(spec, config, inputs)
     outcome = spec.run(inputs, config)
     seconds = time.time() - t0
+    targets.after(subject, outcome.model)
     after = None
     if eval_spec is not None:
         purified = dataclasses.replace(subject, model=outcome.model)
@@ -38,7 +45,7 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
     result = PurifyResult(
         method=method, source=subject.source.source, kind=subject.kind, config=dataclasses.asdict(config),
         modules_changed=list(outcome.modules_changed), details={**stages, **outcome.details}, seconds=round(seconds, 2),
-        before=before, after=after, provenance=subject.provenance(),
+        before=before, after=after, provenance=subject.provenance(), target_check=targets.result(),
     )
     return result, outcome
 

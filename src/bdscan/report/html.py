@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bdscan.report.figures import esc
 from bdscan.report.html_parts import Raw, code, facts, note, page, section, table
-from bdscan.report.html_sections import detect_body, eval_body, localize_body, samples_table
+from bdscan.report.html_sections import detect_body, eval_body, localize_body, samples_table, target_check_body
 from bdscan.results.audit import AuditResult, StageRecord
 from bdscan.results.detect import DetectResult
 from bdscan.results.eval import EvalComparison, EvalResult
@@ -143,7 +143,7 @@ def render_audit_html(result: AuditResult) -> str:
                        localize_body(result.localize) if result.localize is not None else None),
         _stage_section(result, "eval", "Evaluation before and after the repair", ("eval (before)", "purify", "eval (after)"),
                        [_eval_set_note(result)] + eval_body(evals, ["before", "after"])
-                       + [samples_table(result.eval_after, "after")] if has_eval else None),
+                       + [samples_table(result.eval_after, "after")] + target_check_body(result.purify) if has_eval else None),
         _stage_section(result, "detect-after", "Detect on the purified model", ("detect (purified)",), _detect_after(result)),
         _stage_section(result, "files", "File safety", ("file safety",), _files(result)),
         section("issues", "Skipped and refused", _issues(result)),

@@ -12,6 +12,7 @@ from bdscan.results.detect import DetectResult
 from bdscan.results.eval import EvalResult
 from bdscan.results.extras import detect_extras
 from bdscan.results.localize import LocalizeResult
+from bdscan.results.purify import PurifyResult
 
 TOP_CANDIDATES = 10
 TOP_MODULES = 8
@@ -177,3 +178,26 @@ def eval_body(results: Sequence[EvalResult | None], names: Sequence[str]) -> lis
     head = [note(f"judge {first.judge} · template {first.template.get('name')}")] if first else []
     return head + [asr_chart(results), utility_chart(results), eval_table(results, names)]
 
+
+
+def _reachable_cell(reachable: bool | None) -> object:
+    if reachable:
+        return Raw('<span class="st-failed">still reachable</span>')
+    return "no" if reachable is False else "n/a"
+
+
+def target_check_body(result: PurifyResult | None) -> list[str]:
+    """Detect's targets before and after the repair (purify's target check), when it ran."""
+    check = result.target_check if result is not None else None
+    if check is None or (check.status == "skipped" and not check.targets):
+        return []
+    rows = [(code(repr(t.text[:80])), num(t.q_before), num(t.q_after), num(t.forced_before), num(t.forced_after),
+             num(t.forced_min_before), num(t.forced_min_after), _reachable_cell(t.still_reachable))
+            for t in check.targets]
+    head = [note(f"target check {check.status}: {check.error}", "fail")] if check.error else []
+    return head + ["<h3>Detect's targets before and after</h3>",
+                   note(f"Q: detect's greedy extension of the target's first token; forced: mean probability of the "
+                        f"target's own tokens, over {check.probes} clean probes; weakest: the least of them over its "
+                        f"opening. Still reachable: weakest after >= {check.reachable_prob:.2f} (detect's target threshold)."),
+                   table(["target", "Q before", "Q after", "forced before", "forced after", "weakest before",
+                          "weakest after", "still reachable"], rows, numeric=(1, 2, 3, 4, 5, 6))]

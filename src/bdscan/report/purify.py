@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bdscan.report.eval import render_comparison
 from bdscan.results.eval import EvalComparison
-from bdscan.results.purify import PurifyResult
+from bdscan.results.purify import PurifyResult, TargetCheck, TargetReach
 
 
 def render_purify(result: PurifyResult, console: Console) -> None:
@@ -17,6 +18,29 @@ def render_purify(result: PurifyResult, console: Console) -> None:
                   + (f" ({', '.join(result.modules_changed[:6])}{', ...' if len(result.modules_changed) > 6 else ''})" if result.modules_changed else ""))
     if result.before is not None and result.after is not None:
         render_comparison(EvalComparison(result.before, result.after), console)
+    if result.target_check is not None:
+        render_target_check(result.target_check, console)
+
+
+def _after(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def target_line(t: TargetReach) -> str:
+    """One target, plain text: Q and forced probability before -> after, and what that means."""
+    verdict = {True: "target still reachable", False: "no longer reachable", None: "after not measured"}[t.still_reachable]
+    return (f"target {t.text[:60]!r}: Q {t.q_before:.2f} -> {_after(t.q_after)}, forced {t.forced_before:.2f} -> "
+            f"{_after(t.forced_after)} (weakest {t.forced_min_before:.2f} -> {_after(t.forced_min_after)}): {verdict}")
+
+
+def render_target_check(check: TargetCheck, console: Console) -> None:
+    if check.status == "skipped":
+        console.print(f"[dim]target check skipped: {escape(check.error or '')}[/]")
+    if check.status == "failed":
+        console.print(f"[red]target check failed: {escape(check.error or '')}[/]")
+    for t in check.targets:
+        style = "bold red" if t.still_reachable else "green" if t.still_reachable is False else "dim"
+        console.print(f"[{style}]{escape(target_line(t))}[/]", highlight=False)
 
 
 def render_methods(methods, console: Console | None) -> None:
