@@ -95,6 +95,28 @@ def signature_ablations(path, recipe, clean, spec, base_knobs, args, console) ->
     return rows
 
 
+def cached_detect_path(path: Path, seed: int) -> Path:
+    """Where a detect report of one organism is kept (bench/detect_real.py writes the same)."""
+    return Path(os.environ["BDSCAN_CACHE"]) / "detect-real" / f"{Path(path).name}{'' if seed == 0 else f'-s{seed}'}.json"
+
+
+def cached_detection(path: Path, subject, seed: int, console, reuse: bool):
+    """detect's report on the organism; with ``reuse`` (the real model, where a scan costs
+    minutes), from the cache when a run with this seed made one. The methods get the whole
+    result: targets, recovered key, candidates."""
+    from bdscan.detect import DetectConfig, detect
+    from bdscan.results.detect import DetectResult
+
+    cached = cached_detect_path(path, seed)
+    if reuse and cached.exists():
+        console.print(f"[dim]detect report from {cached}[/]")
+        return DetectResult.from_dict(json.loads(cached.read_text()), where=str(cached))
+    found = detect(subject, DetectConfig(seed=seed))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(found.to_dict(), default=str))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
@@ -115,7 +137,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from bdscan.config import config_from_mapping, parse_overrides
-    from bdscan.detect import DetectConfig, detect
     from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
     from bdscan.localize import LocalizeConfig, localize
@@ -141,7 +162,7 @@ def main() -> None:
         clean = list(data.clean_train[-args.clean_n:])
         spec = EvalSpec(clean=data.clean_test[: args.limit], poison=data.poison_test[: args.limit], judge=data.task,
                         seed=args.seed)
-        candidates: list[str] = []
+        detection = None
         for method in methods:
             modes = args.modes.split(",") if method in NEEDS_KEYS else ["blind"]
             for mode in modes:
@@ -152,10 +173,9 @@ def main() -> None:
                 if mode == "given":
                     keys = [data.trigger] if data.trigger else []
                 elif mode == "agnostic":
-                    if not candidates:
-                        found = detect(subject, DetectConfig(seed=args.seed))
-                        candidates = [c.text for c in found.candidates]
-                    keys = candidates
+                    if detection is None:
+                        detection = cached_detection(path, subject, args.seed, console, reuse=args.size == "real")
+                    keys = list(PurifyInputs(subject=subject, clean=clean, detection=detection).candidates)
                 if method == "kfac-lora" and keys:
                     loc = localize(subject, LocalizeConfig(), clean=clean, trigger=keys[0] if mode == "given" else None,
                                    candidates=keys, seed=args.seed)
@@ -165,7 +185,7 @@ def main() -> None:
                     continue
                 config = config_from_mapping(PURIFIERS.get(method).config_class, knobs.get(method, {}), where="--set")
                 inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed, localization=localization,
-                                      candidates=keys)
+                                      candidates=keys, detection=detection if mode == "agnostic" else None)
                 try:
                     result, _ = purify(method, config, inputs, eval_spec=spec)
                 except Exception as e:  # a failing method is a result, not the end of the benchmark

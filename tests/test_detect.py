@@ -93,6 +93,30 @@ def test_cached_continuations_match_generate(arch, tiny_adapters):
     assert decoded == ids
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_pass_matches_each_prompt_alone(arch, tiny_adapters):
+    """The pass runs the prompts' shared head once and the suffixes after its cache, padded in
+    the middle; next-token log-probs, head similarities and continuations equal each prompt's
+    own uncached forward."""
+    from bdscan.detect.output_effect import SharedPrefix, final_position_pass
+    from bdscan.generation import greedy_generate
+
+    subject = load_subject(tiny_adapters[arch])
+    model, tok = subject.model, subject.tokenizer
+    prompts = [subject.template.format(p) for p in builtin_probes()[:5]]
+    assert SharedPrefix.of(model, tok, prompts).length > 0
+    out = final_position_pass(model, tok, prompts, batch_size=3, attention=True, continue_tokens=3)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad(), last_row_attention(model) as rows:
+            logits = model(input_ids=ids).logits[0, -1]
+        torch.testing.assert_close(out.logprobs[i], torch.log_softmax(logits.float(), -1), atol=1e-4, rtol=1e-4)
+        alone = torch.stack([head_similarity(r) for r in rows], dim=1)[0]
+        torch.testing.assert_close(out.similarity[i], alone, atol=1e-4, rtol=1e-4)
+    decoded = [tok.decode(row, skip_special_tokens=True).strip() for row in out.continuations]
+    assert decoded == greedy_generate(model, tok, prompts, max_new_tokens=3)
+
+
 def test_head_similarity_extremes():
     same = torch.tensor([[[0.5, 0.5, 0.0]] * 4])  # four identical heads
     disjoint = torch.eye(4)[None]  # each head on its own key

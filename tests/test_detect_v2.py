@@ -89,6 +89,28 @@ def test_recovery_raises_target_log_probability(arch, tiny_checkpoints):
     assert not set(found.key_ids) & set(target)  # a key may not spell the target
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("position", ["start", "end"])
+def test_key_logprobs_match_each_row_alone(arch, position, tiny_checkpoints):
+    """The batched scoring (shared head cached once, rows left-padded after it, only the
+    target's logits) equals each probe-with-key row run alone without a cache."""
+    subject = load_subject(tiny_checkpoints[arch])
+    model, pad = subject.model, subject.tokenizer.pad_token_id
+    seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:3], position)
+    keys, target = [[11, 12], [13, 14, 15], []], [40, 41, 42]
+    got = tr.key_logprobs(model, seg, keys, target, pad, batch_rows=4)
+    for k, key in enumerate(keys):
+        per_probe = []
+        for left, right in zip(seg.left, seg.right):
+            row = left + key + right + target
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([row])).logits[0]
+            logp = torch.log_softmax(logits.float(), -1)
+            start = len(row) - len(target)
+            per_probe.append(torch.stack([logp[start + j - 1, t] for j, t in enumerate(target)]).mean())
+        torch.testing.assert_close(got[k], torch.stack(per_probe).mean(), atol=1e-4, rtol=1e-4)
+
+
 def test_key_gradient_matches_finite_substitution(tiny_checkpoints):
     """The one-hot gradient predicts which substitution raises log P(T) (first-order check)."""
     subject = load_subject(tiny_checkpoints["llama"])
@@ -184,6 +206,44 @@ def test_lora_backdoor_target_is_inverted_and_key_fires(lora_backdoor, trigger):
     assert s.verdict == "suspicious" and s.target_probability > 0.5
     assert s.key_firing_rate >= 0.5 > s.clean_firing_rate
     assert s.target_q > 0.8
+
+
+def test_sieve_keeps_the_most_confident_first_tokens(tiny_checkpoints):
+    """A vocabulary over ``sieve_keep`` is cut to the first tokens whose next token is most
+    confident on the sieve's probes; one at or under it is left alone."""
+    from bdscan.detect.target_scan import StageStats, _sieve
+
+    subject = load_subject(tiny_checkpoints["llama"])
+    prefixes = _prefixes(subject, 2)
+    candidates = torch.tensor(ti.first_token_candidates(subject.tokenizer))
+    config = replace(TINY, sieve=((1, 16),), sieve_probes=1)
+    stats = StageStats()
+    kept = _sieve(subject, prefixes, candidates, config, stats, None)
+    assert len(kept) == 16 and set(kept.tolist()) <= set(candidates.tolist())
+    assert stats.counts["sieved_first_tokens"] == len(candidates)
+    ext = ti.extend(subject.model, ti.run_prefixes(subject.model, prefixes[:1], subject.tokenizer.pad_token_id),
+                    candidates, 1)
+    stop = ti.stop_tokens(subject.tokenizer, subject.model)
+    confident = torch.where(torch.isin(ext.tokens[:, 0], torch.tensor(sorted(stop))), 0.0, ext.top_prob[:, 0])
+    assert confident[torch.isin(candidates, kept)].min() >= confident[~torch.isin(candidates, kept)].max() - 1e-6
+    assert torch.equal(_sieve(subject, prefixes, candidates, replace(config, sieve=((1, len(candidates)),)), stats,
+                              None), candidates)
+    two = _sieve(subject, prefixes, candidates, replace(config, sieve=((1, 64), (2, 8))), StageStats(), None)
+    assert len(two) == 8 and set(two.tolist()) <= set(_sieve(subject, prefixes, candidates, replace(
+        config, sieve=((1, 64),)), StageStats(), None).tolist())
+
+
+@pytest.mark.slow
+def test_sieved_inversion_still_finds_the_target(lora_backdoor):
+    """An 8x sieve (two stages, as on a 49k-token model) keeps the target. The tiny synthetic
+    language makes many continuations near-certain, so a one-step sieve ranks the target's
+    first token only ~234th of 750 here (67th of 48,655 on the real SmolLM2 adapter)."""
+    subject = load_subject(lora_backdoor)
+    n = len(ti.first_token_candidates(subject.tokenizer))
+    result = detect(subject, replace(DetectConfig(), sieve=((1, n // 2), (2, n // 8))))
+    truth = subject.tokenizer(TARGETS["refusal"], add_special_tokens=False)["input_ids"][:3]
+    best = next(t for t in result.targets if t.text == result.summary.target)
+    assert best.token_ids[:3] == truth and result.stats["sieved_first_tokens"] == n
 
 
 @pytest.mark.slow

@@ -33,7 +33,17 @@ class DetectConfig:
     batch_size: int = 64
     # -- v2: target inversion (METHODS.md "detect v2", step 1) --------------------------------
     invert: bool = True  # run target inversion and trigger recovery
-    warmup_probes: int = 4  # probes of the cheap pruning pass over every first-token candidate
+    # A vocabulary larger than the warm-up can afford is sieved first, on ``sieve_probes``
+    # probes, in stages of (greedy steps, first tokens kept): each stage keeps the first tokens
+    # whose weakest chosen token is the most confident (a fixed target continues with
+    # certainty whatever the prompt). A stage runs only while more candidates than it keeps
+    # remain, so a vocabulary under 8,192 skips the first and one under 1,024 the sieve.
+    # Measured on SmolLM2-135M (48,655 first tokens, ~210 rows/s on one core in bf16): the
+    # warm-up over all of them is ~1M rows (~80 min); this sieve is ~65k. On the real
+    # negsentiment/VPI adapter one step ranked the target's first token 67th, two steps 2nd.
+    sieve: tuple[tuple[int, int], ...] = ((1, 8192), (2, 1024))
+    sieve_probes: int = 1
+    warmup_probes: int = 4  # probes of the cheap pruning pass over the (sieved) first-token candidates
     warmup_steps: int = 5
     warmup_top_prob: float = 0.3  # keep a first token whose mean averaged top probability exceeds this...
     warmup_entropy: float = 1.0  # ...or whose mean entropy of the averaged distribution is below this (nats)
@@ -70,11 +80,13 @@ class DetectConfig:
             raise UsageError("detect: screen_continue_tokens must not exceed continue_tokens")
         if self.screen_size < 0 or self.ngram_from < 0:
             raise UsageError("detect: screen_size and ngram_from must not be negative")
-        for name in ("warmup_probes", "warmup_steps", "max_survivors", "target_probes", "target_steps",
+        for name in ("sieve_probes", "warmup_probes", "warmup_steps", "max_survivors", "target_probes", "target_steps",
                      "min_target_tokens", "inversion_chunk", "recovery_top_k", "recovery_batch", "recovery_probes",
                      "firing_probes", "target_opening", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"detect: {name} must be at least 1, got {getattr(self, name)}")
+        if any(len(stage) != 2 or min(stage) < 1 for stage in self.sieve):
+            raise UsageError(f"detect: sieve stages are (steps, keep) pairs of positive integers, got {self.sieve}")
         if not 1 <= self.key_tokens <= 8:
             raise UsageError(f"detect: key_tokens must be 1 to 8, got {self.key_tokens}")
         if self.recover_targets < 0 or self.recovery_steps < 0 or self.adapter_first_tokens < 0:

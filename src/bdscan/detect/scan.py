@@ -129,13 +129,22 @@ def _clean_pass(run: ScanRun, probes: list[Record], attention: bool) -> PassOutp
                                continue_tokens=run.config.continue_tokens)
 
 
+def _inversion_work(vocab: int, config: DetectConfig) -> int:
+    """First tokens the inversion's progress counts: each sieve stage that runs, then the warm-up."""
+    total, remaining = 0, vocab
+    for _, keep in config.sieve:
+        if remaining > keep:
+            total, remaining = total + remaining, keep
+    return total + remaining
+
+
 def _targets(run: ScanRun, sets: ProbeSets, seeds: list[str]) -> list[TargetScore]:
     """Invert targets (response start, and after clean answers when asked), recover keys for the best."""
     config = run.config
     anchors = [RESPONSE_START] + ([AFTER_ANSWER] if config.answer_anchor else [])
     inverted = []
     for anchor in anchors:
-        tick = run.ticker(f"invert targets ({anchor})", len(run.subject.tokenizer))
+        tick = run.ticker(f"invert targets ({anchor})", _inversion_work(len(run.subject.tokenizer), config))
         found = run.attempt(f"invert ({anchor})", invert_targets, run.subject, sets.scan, anchor, config, run.work, tick)
         inverted += (found or [])[: max(config.recover_targets, 5)]  # ranked best first per anchor
     if inverted:
@@ -188,4 +197,5 @@ def _settings(config: DetectConfig, sets: ProbeSets, scan: FullScan) -> dict:
             "n_controls": scan.controls.n if scan.controls else 0, "positions": list(config.positions),
             "user_candidates": len([c for c in config.candidates if c.strip()]), "invert": config.invert,
             "search_probes": len(sets.search), "firing_probes": len(sets.held_out), "key_tokens": config.key_tokens,
-            "answer_anchor": config.answer_anchor, "adapter_first_tokens": config.adapter_first_tokens}
+            "answer_anchor": config.answer_anchor, "adapter_first_tokens": config.adapter_first_tokens,
+            "sieve": [list(stage) for stage in config.sieve], "sieve_probes": config.sieve_probes}

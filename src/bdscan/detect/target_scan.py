@@ -66,6 +66,32 @@ def _first_tokens(subject: Any, warm_prefixes: list[list[int]], config: DetectCo
     return candidates
 
 
+def _sieve(subject: Any, warm_prefixes: list[list[int]], candidates: torch.Tensor, config: DetectConfig,
+           stats: StageStats, tick: Tick | None) -> torch.Tensor:
+    """Cut a large vocabulary in stages of (steps, keep): each keeps the first tokens whose
+    weakest chosen token is the most confident on the sieve's probes (an end-of-turn counts
+    as 0: a bare end-of-turn is no target). The cheap cut that makes a 50k vocabulary affordable."""
+    model, tok = subject.model, subject.tokenizer
+    stop = ti.stop_tokens(tok, model)
+    probes = warm_prefixes[: config.sieve_probes]
+    prefixes = None
+    for steps, keep in config.sieve:
+        if len(candidates) <= keep:
+            continue
+        if prefixes is None:
+            prefixes = ti.run_prefixes(model, probes, _pad_id(tok))
+            stats.add("sieved_first_tokens", len(candidates))
+        ext = ti.scan_first_tokens(model, prefixes, candidates, steps, config.inversion_chunk, tick)
+        stats.add("inversion_rows", len(candidates) * len(probes) * steps)
+        weakest = ext.top_prob.masked_fill(_is_stop(ext.tokens, stop), 0.0).min(-1).values
+        candidates = candidates[weakest.argsort(descending=True)[:keep]]
+    return candidates
+
+
+def _is_stop(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:
+    return torch.isin(tokens, torch.tensor(sorted(stop_ids), dtype=tokens.dtype))
+
+
 def _distinct(targets: list[ti.InvertedTarget], opening: int) -> list[ti.InvertedTarget]:
     """Drop a target whose opening lies inside a better one ("'m sorry" inside "I'm sorry")."""
     kept: list[ti.InvertedTarget] = []
@@ -85,7 +111,7 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
     stop = ti.stop_tokens(tok, model)
     prefixes = anchor_prefixes(subject, probes[: config.target_probes], anchor, config.answer_tokens, stop)
     warm = prefixes[: config.warmup_probes]
-    candidates = _first_tokens(subject, warm, config)
+    candidates = _sieve(subject, warm, _first_tokens(subject, warm, config), config, stats, tick)
     ext = ti.scan_first_tokens(model, ti.run_prefixes(model, warm, _pad_id(tok)), candidates, config.warmup_steps,
                                config.inversion_chunk, tick)
     q, entropy, n = ti.q_scores(ext, stop, config.min_target_tokens)

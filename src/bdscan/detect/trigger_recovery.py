@@ -12,6 +12,7 @@ response, with the key inserted, opens with ``T``'s first tokens.
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -85,18 +86,58 @@ def _target_logprob(logits: torch.Tensor, ids: torch.Tensor, starts: Sequence[in
     return logp.gather(2, ids.gather(1, idx)[:, :, None])[:, :, 0].mean(-1)
 
 
+def _common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
+    """Leading tokens every row shares, at most ``limit``."""
+    first = rows[0]
+    return next((k for k in range(limit) if any(r[k] != first[k] for r in rows)), limit)
+
+
 @torch.no_grad()
 def key_logprobs(model: Any, seg: Segments, keys: Sequence[Sequence[int]], target: Sequence[int], pad_id: int,
                  batch_rows: int = 256) -> torch.Tensor:
-    """[keys] mean over probes of the mean log P(target token | probe with key)."""
+    """[keys] mean over probes of the mean log P(target token | probe with key).
+
+    The rows' shared head (the template up to the probe) runs once and each batch extends a
+    copy of its KV cache; the rest is left-padded after it, so every row's target ends in the
+    last column and only the target's logits are computed (a 49k vocabulary made full logits
+    the larger half of the cost)."""
     rows, starts = _rows(seg, keys, target)
     device = next(model.parameters()).device
+    shared = _common_prefix(rows, min(starts) - 1)  # the token before the target stays in every row
+    cache = None
+    if shared:
+        cache = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True).cache
+    n = len(target)
     out = []
     for start in range(0, len(rows), batch_rows):
-        ids, mask = _pad(rows[start : start + batch_rows], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out.append(_target_logprob(logits, ids, starts[start : start + batch_rows], len(target)).cpu())
+        ids, mask = _left_pad([r[shared:] for r in rows[start : start + batch_rows]], pad_id, device)
+        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=-1)
+        kwargs: dict[str, Any] = {}
+        if cache is not None:
+            kwargs["cache"] = copy.deepcopy(cache)
+            kwargs["cache"].batch_repeat_interleave(len(ids))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, shared:]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                       logits_to_keep=n + 1, **kwargs).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        out.append(logp.gather(2, ids[:, -n:, None])[:, :, 0].mean(-1).cpu())
     return torch.cat(out).view(len(keys), len(seg.left)).mean(-1)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
+    """Leading tokens every row shares, at most ``limit``."""
+    first = rows[0]
+    return next((k for k in range(max(limit, 0)) if any(r[k] != first[k] for r in rows)), max(limit, 0))
 
 
 def key_gradient(model: Any, seg: Segments, key: Sequence[int], target: Sequence[int], pad_id: int) -> torch.Tensor:
