@@ -270,6 +270,24 @@ def test_detect_and_eval_run_in_bfloat16(organism, lora_backdoor, trigger):
     assert report["runtime"]["dtype"] == "bfloat16" and 0.0 <= report["asr"] <= 1.0
 
 
+@pytest.mark.parametrize("threat", ["full", "lora"])
+def test_half_precision_cpu_head_gets_contiguous_input(threat, tiny_checkpoints, lora_backdoor):
+    """bf16 on the CPU: the output head is handed a contiguous copy of the sliced hidden
+    states (torch's strided bf16 linear is ~500x slower); logits are unchanged. fp32 untouched."""
+    from bdscan.io import load_subject
+
+    source = tiny_checkpoints["llama"] if threat == "full" else lora_backdoor
+    ids = torch.randint(5, 300, (3, 9), generator=torch.Generator().manual_seed(0))
+    for dtype, hooked in ((torch.bfloat16, True), (torch.float32, False)):
+        model = load_subject(source, dtype=dtype).model
+        head = model.get_output_embeddings()
+        assert bool(head._forward_pre_hooks) is hooked
+        with torch.no_grad():
+            last = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+            full = model(input_ids=ids).logits[:, -1]
+        torch.testing.assert_close(last, full)
+
+
 def test_loaded_subject_records_its_placement(lora_backdoor):
     from bdscan.io import load_subject
     from bdscan.runtime import Placement

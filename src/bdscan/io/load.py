@@ -19,6 +19,7 @@ from bdscan.errors import InputError, first_line
 from bdscan.io.bounds import check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.tokenizer import describe, has_tokenizer, load_tokenizer, tokenizer_differences
+from bdscan.placement import guard_half_precision_head
 from bdscan.runtime import Placement
 
 SHOWN_KEYS = 3
@@ -244,6 +245,7 @@ def _load_adapter(resolved: ResolvedSource, base: str | Path | None, *, allow_pi
     device_map = placement.device_map(base_resolved.weight_files + resolved.weight_files)
     base_model = _load_causal_lm(base_resolved, trust_remote_code=trust_remote_code, dtype=placement.dtype,
                                  device_map=device_map)
+    guard_half_precision_head(base_model, placement)
     tokenizer, report = _adapter_tokenizer(resolved.path, base_resolved.path, trust_remote_code)
     _check_tokenizer_fits(tokenizer, base_model, resolved.path)
     model = _attach_adapter(base_model, resolved)
@@ -262,6 +264,7 @@ def _load_gguf_subject(resolved: ResolvedSource, base: str | Path | None, placem
     if base is not None:
         raise InputError(f"{resolved.gguf_file}: --base is only for adapters, but this is a GGUF model")
     model, tokenizer = load_gguf(resolved.gguf_file, dtype=placement.dtype)
+    guard_half_precision_head(model, placement)
     _check_tokenizer_fits(tokenizer, model, resolved.gguf_file)
     model.to(placement.device)
     return Subject(model, tokenizer, "full", template_for(tokenizer), resolved, tokenizer_report=describe("source", None))
@@ -293,6 +296,7 @@ def load_subject(
         raise InputError(f"{resolved.path}: --base is only for adapters, but this is a full checkpoint")
     device_map = placement.device_map(resolved.weight_files)
     model = _load_causal_lm(resolved, trust_remote_code=trust_remote_code, dtype=placement.dtype, device_map=device_map)
+    guard_half_precision_head(model, placement)
     if not has_tokenizer(resolved.path):
         raise InputError(f"{resolved.path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     tokenizer = load_tokenizer(resolved.path, trust_remote_code=trust_remote_code)
