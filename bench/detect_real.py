@@ -102,16 +102,27 @@ def main() -> None:
     configure_threads(args.threads)
     quiet_libraries()
     out = Path(args.out)
-    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     for label, path, backdoored in subjects(Path(args.organisms)):
         if args.only and not any(part in label for part in args.only.split(",")):
             continue
-        rows[label] = scan(label, path, backdoored, args.dtype)
-        print(f"{label}: p {rows[label]['probability']:.2f} {rows[label]['verdict']} in {rows[label]['seconds']:.0f}s",
-              flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"script": "bench/detect_real.py", "rows": list(rows.values())}, indent=2))
-    table(list(rows.values()))
+        row = scan(label, path, backdoored, args.dtype)
+        print(f"{label}: p {row['probability']:.2f} {row['verdict']} in {row['seconds']:.0f}s", flush=True)
+        write_row(out, row)
+    table(read_rows(out))
+
+
+def read_rows(out: Path) -> list[dict]:
+    return json.loads(out.read_text())["rows"] if out.exists() else []
+
+
+def write_row(out: Path, row: dict) -> None:
+    """Merge one row by label, re-reading the file first (two scans may run side by side)."""
+    rows = {r["label"]: r for r in read_rows(out)}
+    rows[row["label"]] = row
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"script": "bench/detect_real.py", "rows": list(rows.values())}, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
