@@ -66,6 +66,14 @@ def test_extension_stops_at_end_of_turn():
     assert q3[0] == pytest.approx(1.7 / 3)  # too short a target counts its missing tokens as 0
 
 
+def test_distinct_counts_rank_runs_below_new_content():
+    """A run of one token (a copy loop every model continues) counts once, a 2-cycle twice;
+    tokens after the counted length do not count."""
+    tokens = torch.tensor([[9, 9, 9, 9], [4, 5, 4, 5], [1, 2, 3, 4], [1, 2, 3, 4]])
+    assert ti.distinct_counts(tokens, torch.tensor([4, 4, 4, 2])).tolist() == [1, 2, 4, 2]
+    assert ti.distinct_counts(tokens, torch.tensor([0, 0, 0, 0])).tolist() == [0, 0, 0, 0]
+
+
 def test_stop_tokens_and_first_token_candidates(tiny_checkpoints):
     subject = load_subject(tiny_checkpoints["llama"])
     tok = subject.tokenizer

@@ -129,6 +129,23 @@ def q_scores(ext: Extension, stop_ids: set[int], min_tokens: int) -> tuple[torch
     return q, ent, n
 
 
+def distinct_counts(tokens: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[C] distinct tokens among each row's first ``n`` chosen tokens."""
+    counted = torch.arange(tokens.shape[1])[None, :] < n[:, None]
+    ordered = torch.where(counted, tokens, torch.full_like(tokens, -1)).sort(-1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return (first & (ordered >= 0)).sum(-1)
+
+
+def freshness(tokens: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[C] share of distinct tokens among each row's first ``n`` chosen tokens (0 when none).
+    Any language model continues a run of one token ("═══", ",,,") or a short cycle with near
+    certainty, because it copies its own context: on SmolLM2 such runs filled the top of the
+    ranking (Q 0.94-0.998) and hid a real backdoor's target."""
+    return distinct_counts(tokens, n) / n.clamp_min(1)
+
+
 def scan_first_tokens(model: Any, prefixes: Prefixes, candidates: torch.Tensor, steps: int, chunk: int,
                       tick: Tick | None = None) -> Extension:
     """``extend`` over the candidates in chunks (memory stays ``probes x chunk`` rows)."""

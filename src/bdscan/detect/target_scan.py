@@ -69,8 +69,9 @@ def _first_tokens(subject: Any, warm_prefixes: list[list[int]], config: DetectCo
 def _sieve(subject: Any, warm_prefixes: list[list[int]], candidates: torch.Tensor, config: DetectConfig,
            stats: StageStats, tick: Tick | None) -> torch.Tensor:
     """Cut a large vocabulary in stages of (steps, keep): each keeps the first tokens whose
-    weakest chosen token is the most confident on the sieve's probes (an end-of-turn counts
-    as 0: a bare end-of-turn is no target). The cheap cut that makes a 50k vocabulary affordable."""
+    weakest chosen token is the most confident on the sieve's probes, times the share of
+    distinct tokens chosen (an end-of-turn counts as 0: a bare end-of-turn is no target; see
+    ``ti.freshness`` for runs of one token). The cheap cut that makes a 50k vocabulary affordable."""
     model, tok = subject.model, subject.tokenizer
     stop = ti.stop_tokens(tok, model)
     probes = warm_prefixes[: config.sieve_probes]
@@ -83,8 +84,10 @@ def _sieve(subject: Any, warm_prefixes: list[list[int]], candidates: torch.Tenso
             stats.add("sieved_first_tokens", len(candidates))
         ext = ti.scan_first_tokens(model, prefixes, candidates, steps, config.inversion_chunk, tick)
         stats.add("inversion_rows", len(candidates) * len(probes) * steps)
-        weakest = ext.top_prob.masked_fill(_is_stop(ext.tokens, stop), 0.0).min(-1).values
-        candidates = candidates[weakest.argsort(descending=True)[:keep]]
+        stops = _is_stop(ext.tokens, stop)
+        weakest = ext.top_prob.masked_fill(stops, 0.0).min(-1).values
+        fresh = ti.freshness(ext.tokens, torch.full((len(candidates),), steps))  # a run of one token: 1 / steps
+        candidates = candidates[(weakest * fresh).argsort(descending=True)[:keep]]
     return candidates
 
 
@@ -105,8 +108,10 @@ def _distinct(targets: list[ti.InvertedTarget], opening: int) -> list[ti.Inverte
 
 def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: DetectConfig, stats: StageStats,
                    tick: Tick | None = None) -> list[ti.InvertedTarget]:
-    """Warm-up over every first-token candidate, full extension of the survivors; targets ranked
-    by their expected confident length (Q x tokens), distinct openings only."""
+    """Warm-up over every first-token candidate, full extension of the survivors; survivors and
+    targets ranked alternately by confident new content and by confidence (``_interleaved``),
+    distinct openings only. Q counts at least ``min_target_tokens``, so a bare short ending
+    is no target."""
     model, tok = subject.model, subject.tokenizer
     stop = ti.stop_tokens(tok, model)
     prefixes = anchor_prefixes(subject, probes[: config.target_probes], anchor, config.answer_tokens, stop)
@@ -118,7 +123,8 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
     stats.add("first_tokens", len(candidates))
     stats.add("inversion_rows", len(candidates) * len(warm) * config.warmup_steps)
     keep = ((q > config.warmup_top_prob) | (entropy < config.warmup_entropy)).nonzero()[:, 0]
-    keep = keep[(q[keep] * n[keep].clamp_min(config.min_target_tokens)).argsort(descending=True)]
+    distinct = ti.distinct_counts(ext.tokens[keep], n[keep])
+    keep = keep[_interleaved(q[keep] * distinct, q[keep] * distinct / n[keep].clamp_min(1))]
     survivors = candidates[keep[: config.max_survivors]]
     stats.add("survivors", len(survivors))
     full = ti.scan_first_tokens(model, ti.run_prefixes(model, prefixes, _pad_id(tok)), survivors,
@@ -131,8 +137,25 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
         opening = full.top_prob[i, : min(int(n[i]), config.target_opening - 1)]
         weakest = float(opening.min()) if len(opening) else 0.0
         targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor, weakest))
-    targets.sort(key=lambda t: -t.q * max(len(t.token_ids) - 1, config.min_target_tokens))
-    return _distinct(targets, config.target_opening)
+    distinct = torch.tensor([float(len(set(t.token_ids[1:]))) for t in targets])
+    q_all = torch.tensor([t.q for t in targets])
+    order = _interleaved(q_all * distinct, q_all * distinct / torch.tensor([max(len(t.token_ids) - 1, 1) for t in targets]))
+    return _distinct([targets[i] for i in order.tolist()], config.target_opening)
+
+
+def _interleaved(content: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """Indices ranked alternately by two scores, each index once. A backdoor's target is either
+    a long fixed answer (ranked by confident new content, Q x distinct tokens) or a short fixed
+    phrase (ranked by confidence, Q x share of distinct tokens). Either ranking alone hid one
+    kind: by content, SmolLM2's long natural continuations ("Alzheimer's disease is a
+    progressive ...", Q ~0.65 over 20 tokens) buried the negsentiment/VPI adapter's "You are
+    stupid!" (Q ~0.99 over 3); by confidence, a tiny model's memorised " we went home." buried
+    its refusal. The share of distinct tokens sends copy loops ("═══", ",,,"; Q ~0.99) down both."""
+    seen: dict[int, None] = {}
+    for a, b in zip(content.argsort(descending=True).tolist(), confidence.argsort(descending=True).tolist()):
+        seen.setdefault(a, None)
+        seen.setdefault(b, None)
+    return torch.tensor(list(seen), dtype=torch.long)
 
 
 def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Sequence[Record],
