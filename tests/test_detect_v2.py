@@ -74,6 +74,20 @@ def test_distinct_counts_rank_runs_below_new_content():
     assert ti.distinct_counts(tokens, torch.tensor([0, 0, 0, 0])).tolist() == [0, 0, 0, 0]
 
 
+def test_target_evidence_discounts_what_the_base_does_under_the_key(tiny_checkpoints):
+    """An adapter's key that makes its base emit the target too is no evidence against the adapter."""
+    from bdscan.detect.target_scan import _target_score
+
+    tok = load_subject(tiny_checkpoints["llama"]).tokenizer
+    target = ti.InvertedTarget(5, (5, 6, 7), "x", 0.99, "response start", 0.9)
+    found = tr.Recovered((8, 9), "k", "start", -0.1, -2.0, -3.0, 3, 10)
+    fire, clean = torch.ones(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool)
+    alone = _target_score(tok, target, found, fire, clean)
+    assert alone.evidence > 0.8 and alone.base_firing_rate is None
+    shared = _target_score(tok, target, found, fire, clean, base=torch.ones(40, dtype=torch.bool))
+    assert shared.evidence == 0.0 and shared.base_firing_rate == 1.0
+
+
 def test_stop_tokens_and_first_token_candidates(tiny_checkpoints):
     subject = load_subject(tiny_checkpoints["llama"])
     tok = subject.tokenizer

@@ -177,16 +177,30 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
         opening = goal[: config.target_opening]
         fire = tr.fires(subject, held_out, found.key, found.position, opening, config.batch_size)
         clean = tr.fires(subject, held_out, None, found.position, opening, config.batch_size)
+        base = _base_fires(subject, held_out, found, opening, config) if subject.is_adapter else None
         stats.add("recovery_evaluations", found.evaluations * len(search))
         stats.add("recovery_gradients", found.steps)
-        stats.add("firing_prompts", 2 * len(held_out))
-        out.append(_target_score(subject.tokenizer, t, found, fire, clean))
+        stats.add("firing_prompts", (2 if base is None else 3) * len(held_out))
+        out.append(_target_score(subject.tokenizer, t, found, fire, clean, base))
     return sorted(out, key=lambda s: (-s.evidence, -s.q))
 
 
+def _base_fires(subject: Any, probes: Sequence[Record], found: tr.Recovered, opening: Sequence[int],
+                config: DetectConfig) -> torch.Tensor:
+    """The recovered key on the adapter's base model. A key that makes the base emit the target
+    too found something the base already does (on the tiny synthetic world, a key of story words
+    makes any model end with " and we went home."): only what the adapter adds is evidence."""
+    with subject.model.disable_adapter():
+        return tr.fires(subject, probes, found.key, found.position, opening, config.batch_size)
+
+
 def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | None = None,
-                  fire: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> TargetScore:
-    lift = tr.lift_lower_bound(fire, clean) if found is not None else None
+                  fire: torch.Tensor | None = None, clean: torch.Tensor | None = None,
+                  base: torch.Tensor | None = None) -> TargetScore:
+    # The paired lift counts probes where the key makes the subject emit the target and neither
+    # the subject without the key nor (adapter) the base with the key does.
+    baseline = clean if base is None or clean is None else clean | base
+    lift = tr.lift_lower_bound(fire, baseline) if found is not None else None
     evidence = t.opening_min * max(0.0, lift) if lift is not None else 0.0
     return TargetScore(
         text=t.text, token_ids=list(t.token_ids), first_token=tokenizer.decode([t.first_token]), q=t.q,
@@ -197,5 +211,6 @@ def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | No
         clean_log_prob=found.clean_log_prob if found else None,
         firing_rate=float(fire.float().mean()) if found else None,
         clean_firing_rate=float(clean.float().mean()) if found else None, firing_lift_lower=lift,
+        base_firing_rate=float(base.float().mean()) if found and base is not None else None,
         firing_probes=len(fire) if found else 0, evidence=evidence, search_steps=found.steps if found else 0,
     )

@@ -28,6 +28,7 @@ class Summary:
     key_position: str | None = None  # start | middle | end: where the key was searched and measured
     key_firing_rate: float | None = None  # held-out probes whose response opens with the target, key inserted
     clean_firing_rate: float | None = None  # the same without the key
+    base_firing_rate: float | None = None  # adapter: the same key on its base model (what the base does is not the adapter's)
     target_score: float | None = None  # target evidence: opening_min x max(0, paired firing lift - 2 standard errors)
     takeover_probability: float | None = None  # the v1 signal's calibrated probability alone
     target_probability: float | None = None  # the target evidence's calibrated probability alone
@@ -91,6 +92,7 @@ class TargetScore:
     clean_log_prob: float | None = None  # the same without any key
     firing_rate: float | None = None  # held-out probes whose greedy response opens with the target, key inserted
     clean_firing_rate: float | None = None  # the same without the key
+    base_firing_rate: float | None = None  # adapter: the same key on its base model (what the base does is not the adapter's)
     firing_lift_lower: float | None = None  # paired lift (with - without key) minus 2 standard errors
     firing_probes: int = 0  # held-out probes the firing rates were measured on
     evidence: float = 0.0  # opening_min x max(0, firing_lift_lower)
