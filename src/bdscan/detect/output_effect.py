@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bdscan.detect.attention import head_similarity, last_row_attention
+from bdscan.probes.batching import pad_left
 
 Tick = Callable[[int], None]
 
@@ -102,14 +103,8 @@ class SharedPrefix:
         """Model inputs for rows ``start:start+size`` (suffixes left-padded after the shared
         prefix) and the full attention mask [rows, prefix + width]."""
         rows = self.ids[start : start + size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), self.length + width), dtype=torch.long)
-        mask[:, : self.length] = 1
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, self.length + width - len(r):] = 1
-        mask = mask.to(device)
+        ids, suffix_mask = pad_left(rows, pad_id)
+        mask = torch.cat([torch.ones((len(rows), self.length), dtype=torch.long), suffix_mask], dim=-1).to(device)
         # Explicit positions: padding must not shift the real tokens' positions (cached
         # continuation steps would otherwise disagree with the first pass).
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, self.length :]

@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from bdscan.probes.batching import pad_left
+
 Tick = Callable[[int], None]
 
 
@@ -66,12 +68,7 @@ def _device(model: Any) -> torch.device:
 @torch.no_grad()
 def run_prefixes(model: Any, prefixes: Sequence[Sequence[int]], pad_id: int) -> Prefixes:
     """One forward over the left-padded prefixes, keeping the KV cache."""
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for i, p in enumerate(prefixes):
-        ids[i, width - len(p):] = torch.tensor(list(p))
-        mask[i, width - len(p):] = 1
+    ids, mask = pad_left(prefixes, pad_id)
     device = _device(model)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)

@@ -22,6 +22,7 @@ import torch
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
 from bdscan.detect.output_effect import final_position_pass
+from bdscan.probes.batching import pad_left, pad_right
 
 Tick = Callable[[int], None]
 _MARK = "\u2063KEY\u2063"  # placeholder split out of the formatted prompt (never in a probe)
@@ -69,12 +70,7 @@ def _rows(seg: Segments, keys: Sequence[Sequence[int]], target: Sequence[int]) -
 
 
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # right padding: target positions stay where the row puts them
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = pad_right(rows, pad_id)  # right padding: target positions stay where the row puts them
     return ids.to(device), mask.to(device)
 
 
@@ -110,7 +106,7 @@ def key_logprobs(model: Any, seg: Segments, keys: Sequence[Sequence[int]], targe
     n = len(target)
     out = []
     for start in range(0, len(rows), batch_rows):
-        ids, mask = _left_pad([r[shared:] for r in rows[start : start + batch_rows]], pad_id, device)
+        ids, mask = (t.to(device) for t in pad_left([r[shared:] for r in rows[start : start + batch_rows]], pad_id))
         mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=-1)
         kwargs: dict[str, Any] = {}
         if cache is not None:

@@ -1,4 +1,4 @@
-"""Right-padding token sequences into a batch: the one pad/collate helper."""
+"""Padding token sequences into a batch (right or left): the one pad/collate helper."""
 
 from __future__ import annotations
 
@@ -21,4 +21,17 @@ def pad_right(seqs: Sequence[Sequence[int]], fill: int) -> tuple[torch.Tensor, t
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs: Sequence[Sequence[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with ``fill`` before each row's tokens, so every row ends in the last column
+    (where the next-token logits of all rows are read at once)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
     return ids, mask
