@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from bdscan.cli.app import app
 from bdscan.detect import DetectConfig, detect
 from bdscan.detect import target_inversion as ti
+from bdscan.detect import key_scoring as ks
 from bdscan.detect import trigger_recovery as tr
 from bdscan.detect.probes import builtin_probes
 from bdscan.io import load_subject
@@ -120,7 +121,7 @@ def test_key_logprobs_match_each_row_alone(arch, position, tiny_checkpoints):
     model, pad = subject.model, subject.tokenizer.pad_token_id
     seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:3], position)
     keys, target = [[11, 12], [13, 14, 15], []], [40, 41, 42]
-    got = tr.key_logprobs(model, seg, keys, target, pad, batch_rows=4)
+    got = ks.key_logprobs(model, seg, keys, target, pad, batch_rows=4)
     for k, key in enumerate(keys):
         per_probe = []
         for left, right in zip(seg.left, seg.right):
@@ -133,16 +134,64 @@ def test_key_logprobs_match_each_row_alone(arch, position, tiny_checkpoints):
         torch.testing.assert_close(got[k], torch.stack(per_probe).mean(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("position", ["start", "middle", "end"])
+def test_key_scorer_probe_subset_is_the_mean_of_those_probes(position, tiny_checkpoints):
+    """Scoring on some probes (successive halving's coarse pass) is the mean over exactly them."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:3], position)
+    scorer = ks.KeyScorer(subject.model, seg, [40, 41], subject.tokenizer.pad_token_id)
+    keys = [[11, 12], [13, 14]]
+    per_probe = torch.stack([scorer(keys, probes=[p]) for p in range(3)], dim=-1)
+    torch.testing.assert_close(scorer(keys, probes=[0, 2]), per_probe[:, [0, 2]].mean(-1))
+    torch.testing.assert_close(scorer(keys), per_probe.mean(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_key_gradient_equals_the_uncached_gradient(arch, tiny_checkpoints):
+    """The one-hot gradient through the cached prefix equals autograd over each whole row run
+    alone, without a cache, through its embeddings."""
+    subject = load_subject(tiny_checkpoints[arch])
+    model = subject.model.float()
+    seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:2], "end")
+    key, target = [11, 12], [40, 41]
+    grad = ks.KeyScorer(model, seg, target, subject.tokenizer.pad_token_id).gradient(key)
+    weight = model.get_input_embeddings().weight
+    one_hot = torch.nn.functional.one_hot(torch.tensor(key), weight.shape[0]).to(weight.dtype).requires_grad_(True)
+    total = 0.0
+    for left, right in zip(seg.left, seg.right):
+        row = torch.tensor(left + key + right + target)
+        embeds = weight[row].detach().clone()
+        embeds[len(left) : len(left) + len(key)] = one_hot @ weight
+        logp = torch.log_softmax(model(inputs_embeds=embeds[None]).logits[0].float(), -1)
+        start = len(row) - len(target)
+        total = total + torch.stack([logp[start + j - 1, t] for j, t in enumerate(target)]).mean()
+    (expected,) = torch.autograd.grad(total / len(seg.left), one_hot)
+    torch.testing.assert_close(grad, expected.float(), atol=1e-4, rtol=1e-3)
+
+
+def test_halving_keeps_the_best_of_the_coarse_pass(tiny_checkpoints):
+    subject = load_subject(tiny_checkpoints["llama"])
+    seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:4], "start")
+    scorer = ks.KeyScorer(subject.model, seg, [40, 41], subject.tokenizer.pad_token_id)
+    trials = [(t, 12) for t in range(20, 36)]
+    settings = tr.SearchSettings(batch=16, coarse_probes=2, refine=4)
+    kept, values, rows = tr._halving(scorer, trials, settings)
+    coarse = scorer(trials, probes=[0, 1])
+    assert set(kept) == {trials[i] for i in coarse.topk(4).indices.tolist()}
+    torch.testing.assert_close(values, scorer(kept))
+    assert rows == 16 * 2 + 4 * 4
+
+
 def test_key_gradient_matches_finite_substitution(tiny_checkpoints):
     """The one-hot gradient predicts which substitution raises log P(T) (first-order check)."""
     subject = load_subject(tiny_checkpoints["llama"])
     pad = subject.tokenizer.pad_token_id
     seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:2], "start")
     key, target = [11, 12], [40, 41]
-    grad = tr.key_gradient(subject.model, seg, key, target, pad)
-    base = tr.key_logprobs(subject.model, seg, [key], target, pad)[0]
+    grad = ks.key_gradient(subject.model, seg, key, target, pad)
+    base = ks.key_logprobs(subject.model, seg, [key], target, pad)[0]
     best, worst = int(grad[0].argmax()), int(grad[0].argmin())
-    values = tr.key_logprobs(subject.model, seg, [[best, 12], [worst, 12]], target, pad)
+    values = ks.key_logprobs(subject.model, seg, [[best, 12], [worst, 12]], target, pad)
     assert values[0] > values[1]
     assert grad.shape == (2, subject.model.get_input_embeddings().weight.shape[0]) and torch.isfinite(base)
 

@@ -65,6 +65,8 @@ class DetectConfig:
     recovery_top_k: int = 32
     recovery_batch: int = 48
     recovery_probes: int = 6  # probes the key is optimised on (the firing rate uses held-out ones)
+    recovery_coarse_probes: int = 2  # each step scores its trials on this many of them...
+    recovery_refine: int = 8  # ...and the best this many on all (successive halving)
     firing_probes: int = 48  # held-out probes of the firing rate (greedy openings only: cheap)
     target_opening: int = 5  # tokens of the target a response must open with to count as firing (3 let a
     # clean model's key fire a generic list opening "1. A")
@@ -82,6 +84,7 @@ class DetectConfig:
             raise UsageError("detect: screen_size and ngram_from must not be negative")
         for name in ("sieve_probes", "warmup_probes", "warmup_steps", "max_survivors", "target_probes", "target_steps",
                      "min_target_tokens", "inversion_chunk", "recovery_top_k", "recovery_batch", "recovery_probes",
+                     "recovery_coarse_probes", "recovery_refine",
                      "firing_probes", "target_opening", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"detect: {name} must be at least 1, got {getattr(self, name)}")

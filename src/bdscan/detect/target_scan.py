@@ -163,7 +163,8 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
                  tick: Tick | None = None) -> list[TargetScore]:
     """A key for each of the best ``recover_targets`` response-start targets, measured on held-out probes."""
     allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
-    settings = tr.SearchSettings(config.key_tokens, config.recovery_steps, config.recovery_top_k, config.recovery_batch)
+    settings = tr.SearchSettings(config.key_tokens, config.recovery_steps, config.recovery_top_k, config.recovery_batch,
+                                 coarse_probes=config.recovery_coarse_probes, refine=config.recovery_refine)
     threshold = target_threshold()
     out = []
     for rank, t in enumerate(targets):
@@ -178,7 +179,7 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
         fire = tr.fires(subject, held_out, found.key, found.position, opening, config.batch_size)
         clean = tr.fires(subject, held_out, None, found.position, opening, config.batch_size)
         base = _base_fires(subject, held_out, found, opening, config) if subject.is_adapter else None
-        stats.add("recovery_evaluations", found.evaluations * len(search))
+        stats.add("recovery_evaluations", found.evaluations)
         stats.add("recovery_gradients", found.steps)
         stats.add("firing_prompts", (2 if base is None else 3) * len(held_out))
         out.append(_target_score(subject.tokenizer, t, found, fire, clean, base))

@@ -12,7 +12,6 @@ response, with the key inserted, opens with ``T``'s first tokens.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,19 +20,11 @@ import torch
 
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
+from bdscan.detect.key_scoring import KeyScorer, Segments
 from bdscan.detect.output_effect import final_position_pass
-from bdscan.probes.batching import pad_left, pad_right
 
 Tick = Callable[[int], None]
 _MARK = "\u2063KEY\u2063"  # placeholder split out of the formatted prompt (never in a probe)
-
-
-@dataclass(frozen=True)
-class Segments:
-    """Token ids of each probe around the key slot: left + key + right + target."""
-
-    left: list[list[int]]
-    right: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -45,7 +36,7 @@ class Recovered:
     start_log_prob: float  # the same for the best seed key before the search
     clean_log_prob: float  # the same without any key
     steps: int  # search steps run
-    evaluations: int  # candidate keys evaluated (each over every search probe)
+    evaluations: int  # key x probe rows scored (the search's forward work, besides one gradient per step)
 
 
 def segments(tokenizer: Any, template: Any, probes: Sequence[Record], position: str) -> Segments:
@@ -56,104 +47,6 @@ def segments(tokenizer: Any, template: Any, probes: Sequence[Record], position: 
         left.append(tokenizer(before, add_special_tokens=False)["input_ids"])
         right.append(tokenizer(after, add_special_tokens=False)["input_ids"])
     return Segments(left, right)
-
-
-def _rows(seg: Segments, keys: Sequence[Sequence[int]], target: Sequence[int]) -> tuple[list[list[int]], list[int]]:
-    """Rows ``key * probes + probe`` and where each row's target starts."""
-    rows, starts = [], []
-    for key in keys:
-        for left, right in zip(seg.left, seg.right):
-            prefix = left + list(key) + right
-            rows.append(prefix + list(target))
-            starts.append(len(prefix))
-    return rows, starts
-
-
-def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = pad_right(rows, pad_id)  # right padding: target positions stay where the row puts them
-    return ids.to(device), mask.to(device)
-
-
-def _target_logprob(logits: torch.Tensor, ids: torch.Tensor, starts: Sequence[int], n_target: int) -> torch.Tensor:
-    """[rows] mean log-probability of the target tokens."""
-    idx = torch.tensor(list(starts), device=logits.device)[:, None] + torch.arange(n_target, device=logits.device)
-    predicting = logits.gather(1, (idx - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))  # [rows, n_target, vocab]
-    logp = torch.log_softmax(predicting.float(), dim=-1)
-    return logp.gather(2, ids.gather(1, idx)[:, :, None])[:, :, 0].mean(-1)
-
-
-def _common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
-    """Leading tokens every row shares, at most ``limit``."""
-    first = rows[0]
-    return next((k for k in range(limit) if any(r[k] != first[k] for r in rows)), limit)
-
-
-@torch.no_grad()
-def key_logprobs(model: Any, seg: Segments, keys: Sequence[Sequence[int]], target: Sequence[int], pad_id: int,
-                 batch_rows: int = 256) -> torch.Tensor:
-    """[keys] mean over probes of the mean log P(target token | probe with key).
-
-    The rows' shared head (the template up to the probe) runs once and each batch extends a
-    copy of its KV cache; the rest is left-padded after it, so every row's target ends in the
-    last column and only the target's logits are computed (a 49k vocabulary made full logits
-    the larger half of the cost)."""
-    rows, starts = _rows(seg, keys, target)
-    device = next(model.parameters()).device
-    shared = _common_prefix(rows, min(starts) - 1)  # the token before the target stays in every row
-    cache = None
-    if shared:
-        cache = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True).cache
-    n = len(target)
-    out = []
-    for start in range(0, len(rows), batch_rows):
-        ids, mask = (t.to(device) for t in pad_left([r[shared:] for r in rows[start : start + batch_rows]], pad_id))
-        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=-1)
-        kwargs: dict[str, Any] = {}
-        if cache is not None:
-            kwargs["cache"] = copy.deepcopy(cache)
-            kwargs["cache"].batch_repeat_interleave(len(ids))
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, shared:]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
-                       logits_to_keep=n + 1, **kwargs).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        out.append(logp.gather(2, ids[:, -n:, None])[:, :, 0].mean(-1).cpu())
-    return torch.cat(out).view(len(keys), len(seg.left)).mean(-1)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
-    """Leading tokens every row shares, at most ``limit``."""
-    first = rows[0]
-    return next((k for k in range(max(limit, 0)) if any(r[k] != first[k] for r in rows)), max(limit, 0))
-
-
-def key_gradient(model: Any, seg: Segments, key: Sequence[int], target: Sequence[int], pad_id: int) -> torch.Tensor:
-    """[key slots, vocab] gradient of the mean target log-probability w.r.t. the key's one-hot encoding."""
-    embedding = model.get_input_embeddings()
-    weight = embedding.weight
-    device = weight.device
-    one_hot = torch.zeros(len(key), weight.shape[0], device=device, dtype=weight.dtype)
-    one_hot[torch.arange(len(key)), torch.tensor(list(key), device=device)] = 1.0
-    one_hot.requires_grad_(True)
-    key_embeds = one_hot @ weight
-    rows, starts = _rows(seg, [key], target)
-    ids, mask = _pad(rows, pad_id, device)
-    embeds = embedding(ids).detach()
-    for r, (left, start) in enumerate(zip(seg.left, starts)):
-        embeds[r, len(left) : len(left) + len(key)] = key_embeds
-    logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-    objective = _target_logprob(logits, ids, starts, len(target)).mean()
-    (grad,) = torch.autograd.grad(objective, one_hot)
-    return grad.detach().float().cpu()
 
 
 def substitutions(key: Sequence[int], grad: torch.Tensor, allowed: torch.Tensor, top_k: int, n: int,
@@ -206,6 +99,10 @@ class SearchSettings:
     batch: int = 48  # candidate keys evaluated per step
     stop_log_prob: float = -0.05  # mean log P(T) per token at which the search stops (T is near certain)
     patience: int = 4  # steps without improvement after which the search stops
+    # Successive halving: each step's trials are scored on ``coarse_probes`` probes and only the
+    # best ``refine`` on all of them, which halves a step's rows (48 x 6 -> 48 x 2 + 8 x 6).
+    coarse_probes: int = 2
+    refine: int = 8
 
 
 def _seed_keys(tokenizer: Any, seeds: Sequence[str], length: int, filler: int) -> list[tuple[int, ...]]:
@@ -235,21 +132,20 @@ def recover_key(subject: Any, probes: Sequence[Record], target: Sequence[int], s
     segs = {pos: segments(tokenizer, subject.template, probes, pos) for pos in positions}
     empty = Segments([l + r for l, r in zip(segs[positions[0]].left, segs[positions[0]].right)],
                      [[] for _ in probes])
-    clean = float(key_logprobs(model, empty, [()], target, pad_id)[0])
-    scored = [(float(v), pos, key) for pos in positions
-              for key, v in zip(starts, key_logprobs(model, segs[pos], starts, target, pad_id))]
+    clean = float(KeyScorer(model, empty, target, pad_id)([()])[0])
+    scorers = {pos: KeyScorer(model, segs[pos], target, pad_id) for pos in positions}
+    scored = [(float(v), pos, key) for pos in positions for key, v in zip(starts, scorers[pos](starts))]
     best_lp, position, key = max(scored)
-    start_lp, seg, rng = best_lp, segs[position], random.Random(seed)
-    evaluations, steps, stale = len(scored), 0, 0
+    start_lp, scorer, rng = best_lp, scorers[position], random.Random(seed)
+    rows, steps, stale = len(scored) * len(probes), 0, 0
     for steps in range(1, settings.steps + 1):
         if best_lp >= settings.stop_log_prob or stale >= settings.patience:
             break
-        grad = key_gradient(model, seg, key, target, pad_id)
-        trials = substitutions(key, grad, allowed, settings.top_k, settings.batch, rng)
+        trials = substitutions(key, scorer.gradient(key), allowed, settings.top_k, settings.batch, rng)
         if not trials:
             break
-        values = key_logprobs(model, seg, trials, target, pad_id)
-        evaluations += len(trials)
+        trials, values, used = _halving(scorer, trials, settings)
+        rows += used
         i = int(values.argmax())
         stale += 1
         if float(values[i]) > best_lp:
@@ -257,4 +153,15 @@ def recover_key(subject: Any, probes: Sequence[Record], target: Sequence[int], s
         if tick:
             tick(1)
     return Recovered(tuple(key), tokenizer.decode(list(key)).strip(), position, best_lp, start_lp, clean,
-                     steps, evaluations)
+                     steps, rows)
+
+
+def _halving(scorer: KeyScorer, trials: list[tuple[int, ...]], settings: SearchSettings
+             ) -> tuple[list[tuple[int, ...]], torch.Tensor, int]:
+    """Score every trial on the first ``coarse_probes`` probes, then only the best ``refine`` on
+    all of them (successive halving): the kept trials, their full scores, and the rows scored."""
+    if settings.coarse_probes >= scorer.probes or settings.refine >= len(trials):
+        return trials, scorer(trials), len(trials) * scorer.probes
+    coarse = scorer(trials, probes=range(settings.coarse_probes))
+    kept = [trials[i] for i in coarse.topk(settings.refine).indices.tolist()]
+    return kept, scorer(kept), len(trials) * settings.coarse_probes + len(kept) * scorer.probes

@@ -1,0 +1,126 @@
+"""How likely a target is after a probe with a key inserted: the exact score and the gradient
+that trigger recovery (trigger_recovery.py) searches with.
+
+A probe is split around the key slot: ``left + key + right + target``. Everything in ``left``
+(the chat template's head and, for a key in the middle or at the end, the probe's own words
+before it) is the same for every key tried on that probe, so it runs once per probe and each
+batch of keys extends a copy of its KV cache. Each row then costs only its key, the rest of
+the probe and the target; and only the target's logits are computed (on a 49k vocabulary
+full logits were the larger half of the cost).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from bdscan.probes.batching import pad_left
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Token ids of each probe around the key slot: left + key + right + target."""
+
+    left: list[list[int]]
+    right: list[list[int]]
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _target_logprob(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows] mean log-probability of each row's last ``n`` tokens, from the logits of the last
+    ``n + 1`` positions."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(2, ids[:, -n:, None])[:, :, 0].mean(-1)
+
+
+class KeyScorer:
+    """Mean log P(target | probe with key) per key, over one set of probes and one target.
+
+    Built once per search; the probes' prefix caches are computed on first use and reused by
+    every step. The last token of ``left`` stays in each row, so a row always has the token
+    that predicts the target's first token, even with an empty key and nothing after it.
+    """
+
+    def __init__(self, model: Any, seg: Segments, target: Sequence[int], pad_id: int, batch_rows: int = 256):
+        if not target:
+            raise ValueError("key scoring needs a target of at least one token")
+        self.model, self.seg, self.target, self.pad_id = model, seg, list(target), pad_id
+        self.batch_rows = batch_rows
+        self._caches: dict[int, Any] = {}
+
+    @property
+    def probes(self) -> int:
+        return len(self.seg.left)
+
+    def _prefix(self, p: int) -> tuple[int, Any]:
+        head = self.seg.left[p][:-1]
+        if head and p not in self._caches:
+            with torch.no_grad():
+                ids = torch.tensor([head], device=_device(self.model))
+                self._caches[p] = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+        return len(head), self._caches.get(p)
+
+    def _suffix(self, p: int, key: Sequence[int]) -> list[int]:
+        return self.seg.left[p][-1:] + list(key) + self.seg.right[p] + self.target
+
+    def _run(self, p: int, ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the target's positions for suffix rows of probe ``p`` (left-padded)."""
+        n_prefix, cache = self._prefix(p)
+        mask = torch.cat([torch.ones((len(ids), n_prefix), dtype=mask.dtype, device=mask.device), mask], dim=-1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, n_prefix:]
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds} if embeds is not None else {"input_ids": ids}
+        if cache is not None:
+            kwargs["cache"] = copy.deepcopy(cache)
+            kwargs["cache"].batch_repeat_interleave(len(ids))
+        return self.model(attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                          logits_to_keep=len(self.target) + 1, **kwargs).logits
+
+    @torch.no_grad()
+    def __call__(self, keys: Sequence[Sequence[int]], probes: Sequence[int] | None = None) -> torch.Tensor:
+        """[keys] mean over ``probes`` (default: all) of the mean target log-probability."""
+        chosen = list(range(self.probes)) if probes is None else list(probes)
+        device, n = _device(self.model), len(self.target)
+        out = torch.zeros(len(keys), len(chosen))
+        for j, p in enumerate(chosen):
+            rows = [self._suffix(p, key) for key in keys]
+            for start in range(0, len(rows), self.batch_rows):
+                ids, mask = (t.to(device) for t in pad_left(rows[start : start + self.batch_rows], self.pad_id))
+                out[start : start + len(ids), j] = _target_logprob(self._run(p, ids, mask), ids, n).cpu()
+        return out.mean(-1)
+
+    def gradient(self, key: Sequence[int]) -> torch.Tensor:
+        """[key slots, vocab] gradient of the mean target log-probability (over every probe) with
+        respect to the key's one-hot encoding. The cached prefix comes before the key, so it
+        takes no part in the gradient."""
+        embedding = self.model.get_input_embeddings()
+        weight = embedding.weight
+        one_hot = torch.zeros(len(key), weight.shape[0], device=weight.device, dtype=weight.dtype)
+        one_hot[torch.arange(len(key)), torch.tensor(list(key), device=weight.device)] = 1.0
+        one_hot.requires_grad_(True)
+        key_embeds = one_hot @ weight
+        objective = 0.0
+        for p in range(self.probes):
+            ids = torch.tensor([self._suffix(p, key)], device=weight.device)
+            embeds = torch.cat([embedding(ids[:, :1]).detach(), key_embeds[None],
+                                embedding(ids[:, 1 + len(key) :]).detach()], dim=1)
+            logits = self._run(p, ids, torch.ones_like(ids), embeds)
+            objective = objective + _target_logprob(logits, ids, len(self.target)).mean()
+        (grad,) = torch.autograd.grad(objective / self.probes, one_hot)
+        return grad.detach().float().cpu()
+
+
+def key_logprobs(model: Any, seg: Segments, keys: Sequence[Sequence[int]], target: Sequence[int], pad_id: int,
+                 batch_rows: int = 256) -> torch.Tensor:
+    """[keys] mean over probes of the mean log P(target token | probe with key) (one-off scorer)."""
+    return KeyScorer(model, seg, target, pad_id, batch_rows)(keys)
+
+
+def key_gradient(model: Any, seg: Segments, key: Sequence[int], target: Sequence[int], pad_id: int) -> torch.Tensor:
+    """[key slots, vocab] gradient of the mean target log-probability w.r.t. the key's one-hot encoding."""
+    return KeyScorer(model, seg, target, pad_id).gradient(key)
