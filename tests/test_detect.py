@@ -117,6 +117,34 @@ def test_shared_prefix_pass_matches_each_prompt_alone(arch, tiny_adapters):
     assert decoded == greedy_generate(model, tok, prompts, max_new_tokens=3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_screen_by_slot_matches_one_pass_over_every_prompt(arch, tiny_adapters):
+    """The screen runs each key slot (probe x position) as its own pass; KL, collapse and
+    takeover equal those of one pass over all the prompts in their original order."""
+    from bdscan.detect.candidates import inserted_prompts, screen_keys, takeover
+    from bdscan.detect.output_effect import diversity, final_position_pass
+
+    subject = load_subject(tiny_adapters[arch])
+    model, tok = subject.model, subject.tokenizer
+    probes = builtin_probes()[:4]
+    clean = final_position_pass(model, tok, [subject.template.format(p) for p in probes], batch_size=8,
+                                continue_tokens=2)
+    keys = [tok.decode([i]).strip() or "x" for i in range(40, 47)]
+    positions = ["start", "middle", "end"]
+    kl, collapse, agree = screen_keys(subject, keys, probes, clean.logprobs, clean.continuations, positions,
+                                      batch_size=5, chunk=8)  # one chunk: the rotation restarts per chunk
+    prompts, key_index, probe_index, _ = inserted_prompts(subject.template, probes, keys, positions, rotate=True)
+    ref = final_position_pass(model, tok, prompts, batch_size=64, reference=clean.logprobs,
+                              reference_index=probe_index, group_index=key_index, groups=len(keys), continue_tokens=2)
+    idx = torch.tensor(key_index)
+    expected_kl = torch.zeros(len(keys)).index_add_(0, idx, ref.kl) / torch.bincount(idx).float()
+    p_clean = clean.logprobs.exp()
+    clean_div = diversity(p_clean.mean(0, keepdim=True), -(p_clean * clean.logprobs).sum(-1).mean().view(1))[0]
+    torch.testing.assert_close(kl, expected_kl, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(collapse, clean_div - diversity(ref.group_mean, ref.group_entropy), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(agree, takeover(ref.continuations, clean.continuations, probe_index, idx, len(keys)))
+
+
 def test_head_similarity_extremes():
     same = torch.tensor([[[0.5, 0.5, 0.0]] * 4])  # four identical heads
     disjoint = torch.eye(4)[None]  # each head on its own key
