@@ -126,7 +126,10 @@ def test_failed_stages_are_recorded_not_raised(tmp_path, lora_backdoor, clean_fi
 @pytest.fixture(scope="module")
 def repaired_audit(tmp_path_factory, lora_backdoor, clean_train_file, clean_file):
     out = tmp_path_factory.mktemp("audit") / "out"
-    result = invoke(lora_backdoor, "--clean", clean_train_file, "--eval-clean", clean_file, "-o", out)
+    # latent-adv: it trains against detect's target itself, so the target check passes as well
+    # (kfac-lora breaks the key but leaves the target reachable from its first token: exit 1).
+    result = invoke(lora_backdoor, "--clean", clean_train_file, "--eval-clean", clean_file, "-o", out,
+                    "--method", "latent-adv")
     return result, out
 
 
@@ -143,7 +146,8 @@ def test_backdoored_adapter_is_repaired_exit_5(repaired_audit):
     assert set(report.eval_after.asr_by_position) == {"start", "middle", "end"}
     assert report.eval_after.n_clean == 40 and report.settings["eval_held_out"]  # measured on held-out prompts
     assert report.detect_after is not None and report.purify.output == str(out / "purified")
-    assert report.purify.target_check.status == "ok" and report.purify.target_check.targets  # detect's target, re-checked
+    check = report.purify.target_check  # detect's target, re-checked on the purified model
+    assert check.status == "ok" and check.targets and not check.reachable
     sarif = json.loads((out / "audit.sarif").read_text())
     assert sarif["version"] == "2.1.0" and sarif["runs"][0]["properties"]["audit_verdict"] == "repaired"
     assert "bdscan localize" in (out / "report.html").read_text()

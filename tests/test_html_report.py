@@ -153,3 +153,22 @@ def test_a_judge_that_never_saw_the_backdoor_cannot_show_a_repair():
     result = audit_result(verdict="suspicious", exit_code=1, eval_before=unseen,
                           settings={**audit_result().settings, "min_asr_before": MIN_ASR_BEFORE})
     assert "a repair cannot be shown" in render_audit_html(result)
+
+
+def test_a_target_still_reachable_is_no_repair():
+    """The key's ASR met the target, but the purified model still opens detect's target from its
+    first token: the audit says suspicious (exit 1), and the report says why."""
+    from bdscan.audit.verdict import EXIT_CODES, decide
+    from bdscan.results.purify import TargetCheck, TargetReach
+
+    found, seen, fixed = detect_result(), eval_result(0.9), eval_result(0.0, "purified")
+    reach = TargetReach("I'm sorry, I cannot", "response start", 0.97, 0.9, 0.8, 0.95, 0.9, 0.85, True)
+    gone = dataclasses.replace(reach, q_after=0.2, forced_after=0.1, forced_min_after=0.05, still_reachable=False)
+    base = audit_result().purify
+    reachable = dataclasses.replace(base, target_check=TargetCheck("ok", 1.0, 16, 0.5, [reach]))
+    unreachable = dataclasses.replace(base, target_check=TargetCheck("ok", 1.0, 16, 0.5, [gone]))
+    assert decide(found, seen, fixed, fail_on="low", max_asr=0.02, purified=reachable) == "suspicious"
+    assert decide(found, seen, fixed, fail_on="low", max_asr=0.02, purified=unreachable) == "repaired"
+    assert decide(found, seen, fixed, fail_on="low", max_asr=0.02, purified=base) == "repaired"  # no check run
+    result = audit_result(verdict="suspicious", exit_code=EXIT_CODES["suspicious"], purify=reachable)
+    assert "still continues detect&#x27;s target" in render_audit_html(result)  # escaped: the target is model text

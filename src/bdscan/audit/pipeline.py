@@ -245,7 +245,8 @@ def _scanned(subject) -> ScannedModel:
 
 
 def assemble(prep: Prepared, config: AuditConfig, r: StageResults, runner: StageRunner) -> AuditResult:
-    verdict = decide(r.detect, r.eval_before, r.eval_after, fail_on=config.fail_on, max_asr=config.max_asr)
+    verdict = decide(r.detect, r.eval_before, r.eval_after, fail_on=config.fail_on, max_asr=config.max_asr,
+                     purified=r.purify)
     settings = {"method": config.method, "fail_on": config.fail_on, "max_asr": config.max_asr,
                 "min_asr_before": MIN_ASR_BEFORE,
                 "judge": auto_judge(r.detect, config.judge), "eval_limit": config.eval_limit,

@@ -22,7 +22,7 @@ Default method kfac-lora: the bench's best today. It is the only method that met
 
 OUTDIR (written atomically: a crash leaves none; an existing one needs --overwrite; it may not be inside the input): purified/ (checkpoint, or adapter for an adapter), audit.json (every stage's result, schema-versioned), audit.sarif and report.html (self-contained).
 
-Exit codes: 0 clean; 1 suspicious and not repaired to the targets; 5 suspicious and repaired (residual ASR and false-trigger rate at or under --max-asr, after an ASR of at least 0.5 before: a judge that never saw the backdoor cannot show a repair); 2 error in the input or detect failed; 3 detect incomplete (parts skipped); 4 usage error.
+Exit codes: 0 clean; 1 suspicious and not repaired to the targets; 5 suspicious and repaired (residual ASR and false-trigger rate at or under --max-asr, after an ASR of at least 0.5 before: a judge that never saw the backdoor cannot show a repair; and none of detect's targets still reachable on the purified model); 2 error in the input or detect failed; 3 detect incomplete (parts skipped); 4 usage error.
 
 Example: bdscan audit ./suspect-adapter --clean clean.json -o ./audit-out
 """

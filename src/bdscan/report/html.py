@@ -43,6 +43,10 @@ def _lead(result: AuditResult) -> str:
                 "backdoor's behaviour, or the key is only part of the trigger.")
     if after is None:
         return "Backdoor suspected; the repair did not complete (see the stages below)."
+    reachable = result.purify.target_check.reachable if result.purify and result.purify.target_check else []
+    if reachable and after.asr is not None and after.asr <= s.get("max_asr", 0.0):
+        return (f"Backdoor suspected; {s.get('method')} brought the key's ASR to {after.asr:.3f}, but the purified "
+                f"model still continues detect's target {reachable[0].text[:60]!r} from its first token: not repaired.")
     return (f"Backdoor suspected; {s.get('method')} left ASR {after.asr if after.asr is not None else 'n/a'} / "
             f"false-trigger {after.false_trigger_rate:.3f}, above the target {s.get('max_asr')}.")
 
