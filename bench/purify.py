@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--clean-n", type=int, default=200, help="the defender's clean samples")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autocast", default=None, choices=["bfloat16"],
+                        help="run each method under bf16 autocast (evaluation stays in the model's dtype)")
     parser.add_argument("--signature-ablations", action="store_true",
                         help="also run signature's ablations: score norm/alignment/combined, N = 1, 2, 4, 6, MLP-only vs MLP + heads")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -193,7 +195,8 @@ def main() -> None:
                     continue
                 config = config_from_mapping(PURIFIERS.get(method).config_class, knobs.get(method, {}), where="--set")
                 inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed, localization=localization,
-                                      candidates=keys, detection=detection if mode == "agnostic" else None)
+                                      candidates=keys, detection=detection if mode == "agnostic" else None,
+                                      autocast=args.autocast)
                 try:
                     result, _ = purify(method, config, inputs, eval_spec=spec)
                 except Exception as e:  # a failing method is a result, not the end of the benchmark

@@ -114,3 +114,23 @@ def test_purify_shortcut_of_another_method_is_a_usage_error(lora_backdoor, clean
     assert result.exit_code == 4
     assert "--variants is a knob of signature" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_purify_under_bf16_autocast_keeps_the_weights_dtype(lora_backdoor, clean_train_file, tmp_path):
+    """--autocast runs the method in bf16; the adapter it writes stays float32 and the report says so."""
+    from safetensors import safe_open
+
+    out = tmp_path / "purified"
+    result = invoke("purify", lora_backdoor, "--method", "finetune", "--clean", clean_train_file, "-o", out,
+                    "--autocast", "bfloat16", "--set", "epochs=1", "--eval-limit", "5", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["details"]["autocast"] == "bfloat16"
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+
+
+def test_purify_bad_autocast_is_a_usage_error(lora_backdoor, clean_train_file, tmp_path):
+    result = invoke("purify", lora_backdoor, "--method", "finetune", "--clean", clean_train_file, "-o", tmp_path / "o",
+                    "--autocast", "float64")
+    assert result.exit_code == 4 and "--autocast float64" in result.output
+    assert not (tmp_path / "o").exists()

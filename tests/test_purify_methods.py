@@ -338,3 +338,26 @@ def test_baselines_through_the_cli_write_a_loadable_adapter(tmp_path, lora_backd
     assert report["details"]["bits"] == 8 and report["after"]["agreement"] >= 0.8
     report = _purify(tmp_path, lora_backdoor, "fine-prune", clean_train_file, "--set", "epochs=0.5")
     assert report["details"]["channels_per_layer"] == round(0.3 * 128) and report["details"]["steps"] == 13
+
+
+def test_autocast_scopes_the_method_and_not_the_evaluation(tiny_checkpoints, tiny_adapters, attack_data, monkeypatch):
+    """With ``autocast``, the method runs inside torch.autocast; without it, it does not."""
+    import dataclasses
+
+    from bdscan.purify import purify
+
+    spec = PURIFIERS.get("finetune")
+    seen = []
+
+    def spy(inputs, config):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return spec.run(inputs, config)
+
+    monkeypatch.setitem(PURIFIERS._entries, "finetune", dataclasses.replace(spec, run=spy))
+    subject = _subject("llama", "lora", tiny_checkpoints, tiny_adapters)
+    config = spec.config_class(epochs=0.1)
+    for autocast in ("bfloat16", None):
+        purify("finetune", config, PurifyInputs(subject=subject, clean=attack_data.clean_train[:8], autocast=autocast))
+    assert seen == [True, False] and not torch.is_autocast_enabled("cpu")
+    with pytest.raises(UsageError, match="autocast"):
+        PurifyInputs(subject=subject, clean=attack_data.clean_train[:8], autocast="float64")

@@ -72,6 +72,7 @@ def command(
     as_json: JsonOut = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    autocast: Annotated[Optional[str], typer.Option("--autocast", help="Run the method's training and searches under torch.autocast in this precision (bfloat16 | float16); weights keep --dtype. ~1.5x faster training on a CPU with AMX-bf16.")] = None,
 ) -> None:
     if list_methods:
         from bdscan.purify.catalog import METHODS
@@ -101,6 +102,10 @@ def _run(a: SimpleNamespace) -> None:
     from bdscan.purify import PurifyInputs, purify
     from bdscan.report.purify import render_purify
 
+    from bdscan.purify.base import AUTOCAST
+
+    if a.autocast not in AUTOCAST:
+        raise UsageError(f"--autocast {a.autocast}: must be one of {', '.join(str(x) for x in AUTOCAST[1:])}")
     placement = placement_of(a.device, a.dtype)
     data_files = (a.clean, a.poison, a.recipe, a.localization, a.from_detect)
     _check_paths(a.output, a.work_dir, given_inputs(a.source, a.base, files=data_files), overwrite=a.overwrite)
@@ -118,7 +123,8 @@ def _run(a: SimpleNamespace) -> None:
     target, work = _check_paths(a.output, a.work_dir, inputs_paths, overwrite=a.overwrite)
     with progress_bar(not a.as_json) as progress:
         inputs = PurifyInputs(subject=subject, clean=clean_records, seed=a.seed, localization=loc, detection=detection,
-                              work_dir=work, log=log_line if not a.as_json else (lambda m: None), progress=progress)
+                              work_dir=work, log=log_line if not a.as_json else (lambda m: None), progress=progress,
+                              autocast=a.autocast)
         result, outcome = purify(method, config, inputs, eval_spec=eval_spec)
     result = dataclasses.replace(result, output=str(target))
     report = {**with_runtime(result.to_dict(), subject), "output_format": output_format(subject)}

@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bdscan.data.records import Record
+from bdscan.errors import UsageError
 from bdscan.io.load import Subject
 from bdscan.probes.protocols import Log, Progress, no_log
 from bdscan.purify.catalog import BY_NAME, MethodInfo
 from bdscan.registry import Registry
 from bdscan.results.detect import DetectResult
 from bdscan.results.localize import LocalizeResult
+
+
+AUTOCAST = (None, "bfloat16", "float16")  # the precisions a method may run under (None: none)
 
 
 @dataclass
@@ -32,8 +36,14 @@ class PurifyInputs:
     work_dir: Path | None = None  # resumable methods cache finished stages here
     log: Log = no_log
     progress: Progress | None = None
+    # "bfloat16": the method (its training, searches and localization) runs under torch.autocast;
+    # weights and optimizer state keep their dtype. Measured ~1.5x faster for training the 135M
+    # model on this CPU (AMX-bf16). None: full precision, bit-for-bit as before.
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST:
+            raise UsageError(f"autocast must be bfloat16 or float16, got {self.autocast!r}")
         if not self.candidates and self.detection is not None:
             ranked = sorted(enumerate(self.detection.candidates), key=lambda ic: (-float(ic[1].score or 0.0), ic[0]))
             keys = [c.text for _, c in ranked if c.text.strip()]

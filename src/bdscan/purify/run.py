@@ -3,9 +3,12 @@ evaluate again, check whether detect's targets are still reachable, return a res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
+
+import torch
 
 from bdscan.detect.target_check import TargetCheckConfig
 from bdscan.errors import UsageError
@@ -33,8 +36,9 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
     targets.before(subject)  # before the method: it may change subject.model in place
     seed_everything(inputs.seed)
     t0 = time.time()
-    inputs, stages = localize_stage(spec, config, inputs)
-    outcome = spec.run(inputs, config)
+    with _autocast(subject, inputs.autocast):
+        inputs, stages = localize_stage(spec, config, inputs)
+        outcome = spec.run(inputs, config)
     seconds = time.time() - t0
     targets.after(subject, outcome.model)
     after = None
@@ -42,12 +46,22 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
         purified = dataclasses.replace(subject, model=outcome.model)
         after, _ = evaluate_with_responses(purified, eval_spec, None, before_clean, inputs.progress)
         after = dataclasses.replace(after, source=f"{subject.source.source} (purified: {method})", reference=subject.source.source)
+    if inputs.autocast:
+        stages = {**stages, "autocast": inputs.autocast}
     result = PurifyResult(
         method=method, source=subject.source.source, kind=subject.kind, config=dataclasses.asdict(config),
         modules_changed=list(outcome.modules_changed), details={**stages, **outcome.details}, seconds=round(seconds, 2),
         before=before, after=after, provenance=subject.provenance(), target_check=targets.result(),
     )
     return result, outcome
+
+
+def _autocast(subject: Any, dtype: str | None) -> contextlib.AbstractContextManager:
+    """The method's mixed-precision scope (evaluation and the target check stay outside it)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next(subject.model.parameters()).device
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 def localize_stage(spec: PurifierSpec, config: Any, inputs: PurifyInputs) -> tuple[PurifyInputs, dict]:
