@@ -121,7 +121,7 @@ def test_key_logprobs_match_each_row_alone(arch, position, tiny_checkpoints):
     model, pad = subject.model, subject.tokenizer.pad_token_id
     seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:3], position)
     keys, target = [[11, 12], [13, 14, 15], []], [40, 41, 42]
-    got = ks.key_logprobs(model, seg, keys, target, pad, batch_rows=4)
+    got = ks.KeyScorer(model, seg, target, pad, batch_rows=4)(keys)
     for k, key in enumerate(keys):
         per_probe = []
         for left, right in zip(seg.left, seg.right):
@@ -188,10 +188,11 @@ def test_key_gradient_matches_finite_substitution(tiny_checkpoints):
     pad = subject.tokenizer.pad_token_id
     seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:2], "start")
     key, target = [11, 12], [40, 41]
-    grad = ks.key_gradient(subject.model, seg, key, target, pad)
-    base = ks.key_logprobs(subject.model, seg, [key], target, pad)[0]
+    scorer = ks.KeyScorer(subject.model, seg, target, pad)
+    grad = scorer.gradient(key)
+    base = scorer([key])[0]
     best, worst = int(grad[0].argmax()), int(grad[0].argmin())
-    values = ks.key_logprobs(subject.model, seg, [[best, 12], [worst, 12]], target, pad)
+    values = scorer([[best, 12], [worst, 12]])
     assert values[0] > values[1]
     assert grad.shape == (2, subject.model.get_input_embeddings().weight.shape[0]) and torch.isfinite(base)
 

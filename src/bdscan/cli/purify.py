@@ -100,9 +100,8 @@ def _run(a: SimpleNamespace) -> None:
     from bdscan.io.reports import read_detect, read_localize
     from bdscan.io.save import output_format, save_subject
     from bdscan.purify import PurifyInputs, purify
-    from bdscan.report.purify import render_purify
-
     from bdscan.purify.base import AUTOCAST
+    from bdscan.report.purify import render_purify
 
     if a.autocast not in AUTOCAST:
         raise UsageError(f"--autocast {a.autocast}: must be one of {', '.join(str(x) for x in AUTOCAST[1:])}")

@@ -114,13 +114,3 @@ class KeyScorer:
         (grad,) = torch.autograd.grad(objective / self.probes, one_hot)
         return grad.detach().float().cpu()
 
-
-def key_logprobs(model: Any, seg: Segments, keys: Sequence[Sequence[int]], target: Sequence[int], pad_id: int,
-                 batch_rows: int = 256) -> torch.Tensor:
-    """[keys] mean over probes of the mean log P(target token | probe with key) (one-off scorer)."""
-    return KeyScorer(model, seg, target, pad_id, batch_rows)(keys)
-
-
-def key_gradient(model: Any, seg: Segments, key: Sequence[int], target: Sequence[int], pad_id: int) -> torch.Tensor:
-    """[key slots, vocab] gradient of the mean target log-probability w.r.t. the key's one-hot encoding."""
-    return KeyScorer(model, seg, target, pad_id).gradient(key)

@@ -43,7 +43,7 @@ class PurifyInputs:
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST:
-            raise UsageError(f"autocast must be bfloat16 or float16, got {self.autocast!r}")
+            raise UsageError(f"autocast must be one of {', '.join(str(x) for x in AUTOCAST[1:])}, got {self.autocast!r}")
         if not self.candidates and self.detection is not None:
             ranked = sorted(enumerate(self.detection.candidates), key=lambda ic: (-float(ic[1].score or 0.0), ic[0]))
             keys = [c.text for _, c in ranked if c.text.strip()]
