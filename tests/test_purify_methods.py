@@ -361,3 +361,17 @@ def test_autocast_scopes_the_method_and_not_the_evaluation(tiny_checkpoints, tin
     assert seen == [True, False] and not torch.is_autocast_enabled("cpu")
     with pytest.raises(UsageError, match="autocast"):
         PurifyInputs(subject=subject, clean=attack_data.clean_train[:8], autocast="float64")
+
+
+def test_training_under_autocast_sees_its_own_updates(tiny_checkpoints, tiny_adapters, attack_data):
+    """Inside purify's autocast scope each forward uses the weights as the optimizer left
+    them: with autocast's weight-cast cache, the model stayed frozen at step 0 in every
+    forward (latent-adv's KL to the starting model read exactly 0) while its weights moved."""
+    from bdscan.purify import purify
+    from bdscan.purify.latent_adv import LatentAdvConfig
+
+    subject = _subject("llama", "lora", tiny_checkpoints, tiny_adapters)
+    config = LatentAdvConfig(target="blue harbor lights", max_samples=16, epochs=1, lr=5e-3, max_new_tokens=8)
+    result, _ = purify("latent-adv", config, PurifyInputs(subject=subject, clean=attack_data.clean_train[:16],
+                                                          autocast="bfloat16"))
+    assert result.details["term_means"]["kl"] > 0

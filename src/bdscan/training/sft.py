@@ -88,7 +88,9 @@ def response_loss(
 def _autocast(device: torch.device, dtype: str | None):
     if not dtype:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    # No weight-cast cache: nested inside a longer autocast region (purify's), cached casts
+    # would outlive the optimizer step and the forward would see stale weights.
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), cache_enabled=False)
 
 
 @dataclass(frozen=True)

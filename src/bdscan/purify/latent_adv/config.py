@@ -16,7 +16,7 @@ class LatentAdvConfig:
     max_keys: int = 3  # detect's candidate keys also trained against, best first
     # --- inner loop: one universal perturbation δ per run of PGD
     layers: tuple[int, ...] = ()  # decoder layers whose output (the residual stream) δ is added to; empty: the middle one
-    epsilon: float = 0.5  # L2 bound of δ, relative to the mean residual-stream norm there (higher: stronger attack)
+    epsilon: float = 0.5  # L2 bound of δ, relative to the median residual-stream token norm there (higher: stronger attack)
     pgd_steps: int = 8  # ascent steps on log P(T | clean prompt) per refresh
     pgd_step: float = 0.25  # step length, a share of the bound
     refresh_every: int = 4  # outer steps between two PGD refreshes of δ (warm-started); 1 = every step

@@ -51,8 +51,14 @@ class Perturbation:
 
 def perturbation_for(model: Any, layout: ModelLayout, layers: Sequence[int], epsilon: float,
                      probe: Batch) -> Perturbation:
-    """δ = 0 on the chosen layers' outputs, bounded by ``epsilon`` times the mean residual
-    norm there on ``probe`` (real tokens only)."""
+    """δ = 0 on the chosen layers' outputs, bounded by ``epsilon`` times the median residual
+    norm there on ``probe`` (real tokens only).
+
+    The median, not the mean: pretrained models carry massive activations on the first
+    token (an attention sink). On SmolLM2-135M its residual norm at layer 14 is ~25,000
+    against a median of ~160, which pulled the mean to ~860; a bound of half that mean was
+    twice an ordinary token's whole norm, and training against it wrecked the model
+    (perplexity 5.6x on the real badnet adapter)."""
     chosen = list(layers) or [max(0, len(layout.layers) // 2 - 1)]
     bad = [i for i in chosen if i >= len(layout.layers)]
     if bad:
@@ -62,7 +68,7 @@ def perturbation_for(model: Any, layout: ModelLayout, layers: Sequence[int], eps
     with torch.no_grad(), capture_outputs(model, names) as cache:
         model(input_ids=probe.input_ids.to(device), attention_mask=probe.attention_mask.to(device))
     mask = probe.attention_mask.bool().to(device)
-    bounds = [epsilon * float(cache[n][mask].float().norm(dim=-1).mean()) for n in names]
+    bounds = [epsilon * float(cache[n][mask].float().norm(dim=-1).median()) for n in names]
     return Perturbation(names, layout.hidden_size, bounds).bind(model)
 
 
