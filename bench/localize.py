@@ -6,11 +6,12 @@
 
 For each backdoored organism of the suite (bench/suite.py) whose attack has a single key:
 
-* localization (full fine-tunes): restore the top-5 ranked modules to the base model's
-  weights and measure how much of the ASR goes away, next to 5 random modules of the same
-  kinds outside the top-5 (mean over --random-draws draws; the token embedding, the only
-  module of its kind, is replaced by a random linear layer), and next to the top-5 linear
-  layers alone (the ranking without the embedding);
+* localization: restore the top-5 ranked modules to the base (a full fine-tune gets the base
+  model's weights back, an adapter loses its LoRA update there) and measure how much of the
+  ASR goes away, next to 5 random modules of the same kinds outside the top-5 (mean over
+  --random-draws draws; the token embedding, the only module of its kind, is replaced by a
+  random linear layer), and next to the top-5 linear layers alone (the ranking without the
+  embedding);
 * repair (full fine-tunes and LoRA adapters): ``kfac-lora`` (localized with the known key)
   next to plain ``finetune`` on the same clean samples and step budget: ASR, false-trigger
   rate, perplexity ratio and agreement with the suspicious model;
@@ -56,6 +57,54 @@ def restore(subject, base_model, names) -> None:
                 p.copy_(getattr(source, pname))
 
 
+def drop_adapter_delta(subject, names) -> None:
+    """Zero the LoRA update of ``names`` (an adapter's counterpart of restoring base weights)."""
+    from bdscan.probes.geometry import lora_matrices
+
+    wanted = set(names)
+    with torch.no_grad():
+        for name, _, b in lora_matrices(subject.model):
+            if name in wanted:
+                b.zero_()
+
+
+def restoration(subject, info: dict, loc: dict, spec, args) -> dict:
+    """ASR with the top-k modules put back to the base (full fine-tunes: base weights; adapters:
+    their LoRA update dropped), with the top-k linear layers alone, and with k random modules
+    of the same kinds (mean over ``--random-draws``)."""
+    from bdscan.eval import evaluate
+    from bdscan.io import load_subject
+
+    base = load_subject(info["base"]) if not subject.is_adapter else None
+    original = {n: p.detach().clone() for n, p in subject.model.named_parameters()}
+
+    def asr_without(names) -> float:
+        if base is None:
+            drop_adapter_delta(subject, names)
+        else:
+            restore(subject, base.model, names)
+        asr = evaluate(subject, spec).asr
+        with torch.no_grad():
+            for n, p in subject.model.named_parameters():
+                p.copy_(original[n])
+        return asr
+
+    modules = loc["modules"] if base is not None else [m for m in loc["modules"] if m["kind"] != "embedding"]
+    before = evaluate(subject, spec).asr
+    top = [m["name"] for m in modules[: args.top]]
+    linear_top = [m["name"] for m in modules if m["kind"] != "embedding"][: args.top]
+    top_asr, linear_asr = asr_without(top), asr_without(linear_top)
+    rng = random.Random(args.seed)
+    random_asr = [asr_without(same_kind_random(modules, modules[: args.top], rng)) for _ in range(args.random_draws)]
+    mean_random = sum(random_asr) / len(random_asr)
+    row = dict(asr=before, restored_as="adapter delta dropped" if base is None else "base weights",
+               asr_top_restored=top_asr, asr_random_restored=mean_random, asr_top_linear_restored=linear_asr,
+               removal_top_linear=removal(before, linear_asr), asr_random_draws=random_asr,
+               removal_top=removal(before, top_asr), removal_random=removal(before, mean_random))
+    row["meets_target"] = row["removal_top"] is not None and row["removal_top"] >= 0.9
+    return row
+
+
 def same_kind_random(modules: list[dict], top: list[dict], rng: random.Random) -> list[str]:
     """Random modules with the same kinds as ``top``, outside ``top`` where possible."""
     taken = {m["name"] for m in top}
@@ -89,7 +138,7 @@ def main() -> None:
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / ("localize-builtin.json" if args.data == "builtin" else "localize.json"))
 
-    from bdscan.eval import EvalSpec, evaluate
+    from bdscan.eval import EvalSpec
     from bdscan.io import load_subject
     from bdscan.localize import LocalizeConfig, localize
     from bdscan.organisms.build import build_organism, organism_info
@@ -127,39 +176,10 @@ def main() -> None:
                "kfac_cost_ratio": loc.timing.get("kfac_cost_ratio"), "gap": loc.gap,
                "top": [m.name for m in loc.top(args.top)]}
 
-        if recipe.threat == "full":
-            before = evaluate(subject, spec).asr
-            base = load_subject(info["base"])
-            original = {n: p.detach().clone() for n, p in subject.model.named_parameters()}
-
-            def reset(model=subject.model) -> None:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        p.copy_(original[n])
-
-            restore(subject, base.model, row["top"])
-            top_asr = evaluate(subject, spec).asr
-            reset()
-            # the same without the token embedding: the top linear layers alone
-            linear_top = [m["name"] for m in loc_dict["modules"] if m["kind"] != "embedding"][: args.top]
-            restore(subject, base.model, linear_top)
-            linear_asr = evaluate(subject, spec).asr
-            reset()
-            rng = random.Random(args.seed)
-            random_asr = []
-            for _ in range(args.random_draws):
-                restore(subject, base.model, same_kind_random(loc_dict["modules"], loc_dict["modules"][: args.top], rng))
-                random_asr.append(evaluate(subject, spec).asr)
-                reset()
-            mean_random = sum(random_asr) / len(random_asr)
-            row.update(asr=before, asr_top_restored=top_asr, asr_random_restored=mean_random,
-                       asr_top_linear_restored=linear_asr, removal_top_linear=removal(before, linear_asr),
-                       asr_random_draws=random_asr, removal_top=removal(before, top_asr),
-                       removal_random=removal(before, mean_random))
-            row["meets_target"] = row["removal_top"] is not None and row["removal_top"] >= 0.9
-            console.print(f"  ASR {before:.2f}; top-{args.top} restored {top_asr:.2f}; random restored {mean_random:.2f}; "
-                          f"top-{args.top} linear layers restored {linear_asr:.2f}")
-            del base
+        row.update(restoration(subject, info, loc_dict, spec, args))
+        console.print(f"  ASR {row['asr']:.2f}; top-{args.top} restored {row['asr_top_restored']:.2f}; random restored "
+                      f"{row['asr_random_restored']:.2f}; top-{args.top} linear layers restored "
+                      f"{row['asr_top_linear_restored']:.2f}")
         loc_rows.append(row)
         del subject
 
@@ -189,15 +209,14 @@ def main() -> None:
                           f"ppl x{ppl_ratio:.3f} agreement {a.agreement:.2f} ({result.seconds:.0f}s)")
             del subject, outcome
 
-    table = Table(title=f"bdscan localize: restore top-{args.top} vs {args.top} random modules to base weights "
+    table = Table(title=f"bdscan localize: restore top-{args.top} vs {args.top} random modules to the base "
+                        "(full: base weights; LoRA: adapter update dropped) "
                         f"({'builtin' if args.data == 'builtin' else 'BackdoorLLM'}, {args.size})")
     for col in ("organism", "ASR", f"top-{args.top} restored", "random restored", "ASR removed (top / random)",
                 f"top-{args.top} linears only",
                 "localize s", "K-FAC / fwd+bwd", "≥90%"):
         table.add_column(col, justify="left" if col == "organism" else "right")
     for r in loc_rows:
-        if r["threat"] != "full":
-            continue
         table.add_row(r["organism"], f"{r['asr']:.2f}", f"{r['asr_top_restored']:.2f}", f"{r['asr_random_restored']:.2f}",
                       f"{100 * (r['removal_top'] or 0):.0f}% / {100 * (r['removal_random'] or 0):.0f}%",
                       f"{r['asr_top_linear_restored']:.2f}",
