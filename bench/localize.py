@@ -120,7 +120,7 @@ def removal(before: float, after: float) -> float | None:
     return (before - after) / before if before > 0 else None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "bench", "real"])
@@ -137,84 +137,62 @@ def main() -> None:
     args = parser.parse_args()
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / ("localize-builtin.json" if args.data == "builtin" else "localize.json"))
+    return args
 
-    from bdscan.eval import EvalSpec
+
+def localization_row(recipe, path, info, spec, clean, args, log):
+    """Localize with the known key, then measure the ranking by restoring its top modules."""
     from bdscan.io import load_subject
     from bdscan.localize import LocalizeConfig, localize
-    from bdscan.organisms.build import build_organism, organism_info
+    from bdscan.runtime import seed_everything
+
+    seed_everything(args.seed)
+    subject = load_subject(path)
+    t0 = time.perf_counter()
+    loc = localize(subject, LocalizeConfig(n_pairs=args.pairs, top_k=args.top), clean=clean, trigger=info["trigger"],
+                   seed=args.seed, log=log)
+    row = {"organism": recipe.label, "threat": recipe.threat, "localize_seconds": round(time.perf_counter() - t0, 2),
+           "kfac_cost_ratio": loc.timing.get("kfac_cost_ratio"), "gap": loc.gap,
+           "top": [m.name for m in loc.top(args.top)]}
+    row.update(restoration(subject, info, loc.to_dict(), spec, args))
+    log(f"  ASR {row['asr']:.2f}; top-{args.top} restored {row['asr_top_restored']:.2f}; random restored "
+        f"{row['asr_random_restored']:.2f}; top-{args.top} linear layers restored {row['asr_top_linear_restored']:.2f}")
+    return row, loc
+
+
+def repair_row(recipe, path, method, loc, spec, clean, args, log) -> dict:
+    """``kfac-lora`` (on the localization) or plain ``finetune``, same clean samples and budget."""
+    from bdscan.io import load_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
-    from bdscan.runtime import configure_threads, quiet_libraries, seed_everything
+    from bdscan.runtime import seed_everything
 
-    configure_threads(args.threads)
-    quiet_libraries()
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    log = lambda m: console.print(f"[dim]{m}[/]")  # noqa: E731
-    loc_rows, repair_rows = [], []
-    for recipe in backdoored(args.data, args.size):
-        if args.only and args.only not in recipe.label:
-            continue
-        path = build_organism(recipe, log=log)
-        info = organism_info(path)
-        data = recipe.base.data.load()
-        if not info.get("trigger"):
-            console.print(f"[yellow]{recipe.label}: no single key (attack {recipe.base.data.attack}); skipped[/]")
-            continue
-        trigger, judge = info["trigger"], data.task
-        spec = EvalSpec(clean=list(data.clean_test[: args.limit]), trigger=trigger, judge=judge, max_new_tokens=32,
-                        seed=args.seed)
-        clean = list(data.clean_train[: args.n_clean])
-        console.print(f"[bold]{recipe.label}[/] (trigger {trigger!r})")
+    seed_everything(args.seed)
+    subject = load_subject(path)
+    inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed,
+                          localization=loc if method == "kfac-lora" else None, log=log)
+    t0 = time.perf_counter()
+    result, outcome = purify(method, PURIFIERS.get(method).config_class(), inputs, eval_spec=spec)
+    b, a = result.before, result.after
+    ppl_ratio = a.perplexity / b.perplexity if a.perplexity and b.perplexity else None
+    r = {"organism": recipe.label, "threat": recipe.threat, "method": method,
+         "asr_before": b.asr, "asr_after": a.asr, "asr_after_by_position": a.asr_by_position,
+         "ftr_before": b.false_trigger_rate, "ftr_after": a.false_trigger_rate,
+         "ppl_before": b.perplexity, "ppl_after": a.perplexity, "ppl_ratio": ppl_ratio,
+         "agreement": a.agreement, "purify_seconds": result.seconds, "wall_seconds": round(time.perf_counter() - t0, 1),
+         "modules_changed": len(outcome.modules_changed), "details": outcome.details}
+    r["meets_target"] = (a.asr is not None and a.asr <= 0.02 and a.false_trigger_rate <= 0.01
+                         and ppl_ratio is not None and ppl_ratio <= 1.05)
+    log(f"  {method}: ASR {b.asr:.2f}->{a.asr:.2f} FTR {a.false_trigger_rate:.2f} "
+        f"ppl x{ppl_ratio:.3f} agreement {a.agreement:.2f} ({result.seconds:.0f}s)")
+    return r
 
-        seed_everything(args.seed)
-        subject = load_subject(path)
-        t0 = time.perf_counter()
-        loc = localize(subject, LocalizeConfig(n_pairs=args.pairs, top_k=args.top), clean=clean, trigger=trigger,
-                       seed=args.seed, log=log)
-        loc_seconds = time.perf_counter() - t0
-        loc_dict = loc.to_dict()
-        row = {"organism": recipe.label, "threat": recipe.threat, "localize_seconds": round(loc_seconds, 2),
-               "kfac_cost_ratio": loc.timing.get("kfac_cost_ratio"), "gap": loc.gap,
-               "top": [m.name for m in loc.top(args.top)]}
 
-        row.update(restoration(subject, info, loc_dict, spec, args))
-        console.print(f"  ASR {row['asr']:.2f}; top-{args.top} restored {row['asr_top_restored']:.2f}; random restored "
-                      f"{row['asr_random_restored']:.2f}; top-{args.top} linear layers restored "
-                      f"{row['asr_top_linear_restored']:.2f}")
-        loc_rows.append(row)
-        del subject
-
-        if args.no_repair:
-            continue
-        for method in ("kfac-lora", "finetune"):
-            seed_everything(args.seed)
-            subject = load_subject(path)
-            config = PURIFIERS.get(method).config_class()
-            inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed,
-                                  localization=loc if method == "kfac-lora" else None, log=log)
-            t0 = time.perf_counter()
-            result, outcome = purify(method, config, inputs, eval_spec=spec)
-            wall = time.perf_counter() - t0
-            b, a = result.before, result.after
-            ppl_ratio = a.perplexity / b.perplexity if a.perplexity and b.perplexity else None
-            r = {"organism": recipe.label, "threat": recipe.threat, "method": method,
-                 "asr_before": b.asr, "asr_after": a.asr, "asr_after_by_position": a.asr_by_position,
-                 "ftr_before": b.false_trigger_rate, "ftr_after": a.false_trigger_rate,
-                 "ppl_before": b.perplexity, "ppl_after": a.perplexity, "ppl_ratio": ppl_ratio,
-                 "agreement": a.agreement, "purify_seconds": result.seconds, "wall_seconds": round(wall, 1),
-                 "modules_changed": len(outcome.modules_changed), "details": outcome.details}
-            r["meets_target"] = (a.asr is not None and a.asr <= 0.02 and a.false_trigger_rate <= 0.01
-                                 and ppl_ratio is not None and ppl_ratio <= 1.05)
-            repair_rows.append(r)
-            console.print(f"  {method}: ASR {b.asr:.2f}->{a.asr:.2f} FTR {a.false_trigger_rate:.2f} "
-                          f"ppl x{ppl_ratio:.3f} agreement {a.agreement:.2f} ({result.seconds:.0f}s)")
-            del subject, outcome
-
+def print_tables(loc_rows: list[dict], repair_rows: list[dict], args, console) -> None:
     table = Table(title=f"bdscan localize: restore top-{args.top} vs {args.top} random modules to the base "
                         "(full: base weights; LoRA: adapter update dropped) "
                         f"({'builtin' if args.data == 'builtin' else 'BackdoorLLM'}, {args.size})")
     for col in ("organism", "ASR", f"top-{args.top} restored", "random restored", "ASR removed (top / random)",
-                f"top-{args.top} linears only",
-                "localize s", "K-FAC / fwd+bwd", "≥90%"):
+                f"top-{args.top} linears only", "localize s", "K-FAC / fwd+bwd", "≥90%"):
         table.add_column(col, justify="left" if col == "organism" else "right")
     for r in loc_rows:
         table.add_row(r["organism"], f"{r['asr']:.2f}", f"{r['asr_top_restored']:.2f}", f"{r['asr_random_restored']:.2f}",
@@ -231,6 +209,37 @@ def main() -> None:
                           f"{r['ppl_ratio']:.3f}" if r["ppl_ratio"] else "—", f"{r['agreement']:.2f}",
                           f"{r['purify_seconds']:.0f}", "yes" if r["meets_target"] else "[red]no[/]")
         console.print(table)
+
+
+def main() -> None:
+    args = parse_args()
+    from bdscan.eval import EvalSpec
+    from bdscan.organisms.build import build_organism, organism_info
+    from bdscan.runtime import configure_threads, quiet_libraries
+
+    configure_threads(args.threads)
+    quiet_libraries()
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    log = lambda m: console.print(f"[dim]{m}[/]")  # noqa: E731
+    loc_rows, repair_rows = [], []
+    for recipe in backdoored(args.data, args.size):
+        if args.only and args.only not in recipe.label:
+            continue
+        path = build_organism(recipe, log=log)
+        info = organism_info(path)
+        data = recipe.base.data.load()
+        if not info.get("trigger"):
+            console.print(f"[yellow]{recipe.label}: no single key (attack {recipe.base.data.attack}); skipped[/]")
+            continue
+        spec = EvalSpec(clean=list(data.clean_test[: args.limit]), trigger=info["trigger"], judge=data.task,
+                        max_new_tokens=32, seed=args.seed)
+        clean = list(data.clean_train[: args.n_clean])
+        console.print(f"[bold]{recipe.label}[/] (trigger {info['trigger']!r})")
+        row, loc = localization_row(recipe, path, info, spec, clean, args, log)
+        loc_rows.append(row)
+        if not args.no_repair:
+            repair_rows += [repair_row(recipe, path, m, loc, spec, clean, args, log) for m in ("kfac-lora", "finetune")]
+    print_tables(loc_rows, repair_rows, args, console)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": args.data, "size": args.size, "top": args.top, "limit": args.limit,

@@ -153,7 +153,7 @@ def save_rows(args, rows: list[dict]) -> Path:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="BackdoorLLM data folder, or 'builtin'")
     parser.add_argument("--size", default="bench", choices=["tiny", "small", "bench", "real"])
@@ -173,89 +173,102 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="METHOD.KEY=VALUE knob override, e.g. signature.selection=per_layer (repeatable)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "purify.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from bdscan.config import config_from_mapping, parse_overrides
-    from bdscan.eval import EvalSpec
-    from bdscan.io import load_subject
-    from bdscan.localize import LocalizeConfig, localize
-    from bdscan.organisms.build import build_organism
-    from bdscan.purify import PURIFIERS, PurifyInputs, purify
-    from bdscan.runtime import configure_threads, quiet_libraries, seed_everything
 
-    configure_threads(args.threads)
-    quiet_libraries()
-    console = Console(width=170)
-    methods = args.methods.split(",") if args.methods else PURIFIERS.names()
+def method_knobs(overrides: list[str]) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` items, grouped by method."""
+    from bdscan.config import parse_overrides
+
     knobs: dict[str, dict] = {}
-    for item in args.overrides:
+    for item in overrides:
         method_name, _, assignment = item.partition(".")
         knobs.setdefault(method_name, {}).update(parse_overrides([assignment]))
-    threats = tuple(args.threats.split(","))
-    rows = []
-    for recipe in backdoored(args.data, args.size, threats=threats):
-        if args.only and args.only not in recipe.label:
-            continue
-        path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
-        data = recipe.base.data.load()
-        clean = list(data.clean_train[-args.clean_n:])
-        spec = EvalSpec(clean=data.clean_test[: args.limit], poison=data.poison_test[: args.limit], judge=data.task,
-                        seed=args.seed)
-        detection = None
-        for method in methods:
-            modes = args.modes.split(",") if method in NEEDS_KEYS else ["blind"]
-            for mode in modes:
-                seed_everything(args.seed)
-                subject = load_subject(path)
-                t0 = time.time()
-                localization, keys = None, []
-                if mode == "given":
-                    keys = [data.trigger] if data.trigger else []
-                elif mode == "agnostic":
-                    if detection is None:
-                        detection = cached_detection(path, subject, args.seed, console, reuse=args.size == "real")
-                    keys = list(PurifyInputs(subject=subject, clean=clean, detection=detection).candidates)
-                if method == "kfac-lora" and keys:
-                    loc = localize(subject, LocalizeConfig(), clean=clean, trigger=keys[0] if mode == "given" else None,
-                                   candidates=keys, seed=args.seed)
-                    localization = loc
-                if mode != "blind" and not keys:
-                    console.print(f"[yellow]{recipe.label} {method} {mode}: no trigger known (multi-trigger attack); skipped[/]")
-                    continue
-                config = config_from_mapping(PURIFIERS.get(method).config_class, knobs.get(method, {}), where="--set")
-                inputs = PurifyInputs(subject=subject, clean=clean, seed=args.seed, localization=localization,
-                                      candidates=keys, detection=detection if mode == "agnostic" else None,
-                                      autocast=args.autocast)
-                try:
-                    result, _ = purify(method, config, inputs, eval_spec=spec)
-                except Exception as e:  # a failing method is a result, not the end of the benchmark
-                    console.print(f"[red]{recipe.label} {method} {mode}: {type(e).__name__}: {e}[/]")
-                    rows.append({"organism": recipe.label, "threat": recipe.threat, "method": method, "mode": mode,
-                                 "overrides": args.overrides, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                before, after = result.before, result.after
-                ppl_ratio = after.perplexity / before.perplexity if before.perplexity and after.perplexity else None
-                row = {
-                    "organism": recipe.label, "threat": recipe.threat, "method": method, "mode": mode,
-                    "overrides": [o for o in args.overrides if o.startswith(f"{method}.")], "autocast": args.autocast,
-                    "asr_before": before.asr, "asr_after": after.asr, "ftr_before": before.false_trigger_rate,
-                    "ftr_after": after.false_trigger_rate, "ppl_before": before.perplexity, "ppl_after": after.perplexity,
-                    "ppl_ratio": ppl_ratio, "agreement": after.agreement, "token_agreement": after.token_agreement,
-                    "purify_seconds": result.seconds,
-                    "total_seconds": round(time.time() - t0, 1), "details": result.details,
-                    "target_check": result.to_dict().get("target_check"),
-                }
-                row["meets_target"] = meets_target(row)
-                rows.append(row)
-                save_rows(args, rows)  # a real-model cell costs tens of minutes: keep each as it lands
-                console.print(f"{recipe.label} {method:<11} {mode:<8} ASR {before.asr:.2f}->{after.asr:.2f} "
-                              f"FTR {after.false_trigger_rate:.2f} ppl x{ppl_ratio or float('nan'):.3f} "
-                              f"agree {after.agreement:.2f} token-F1 {after.token_agreement:.2f} {result.seconds:.0f}s")
+    return knobs
 
-        if args.signature_ablations:
-            rows += signature_ablations(path, recipe, clean, spec, knobs.get("signature", {}), args, console)
 
-    _finetune_ratios(rows)
+class Organism:
+    """One backdoored organism of the suite, with what every cell on it shares: its path, data,
+    the defender's clean samples, the evaluation, and detect's report (run once, on demand)."""
+
+    def __init__(self, recipe, args, console):
+        from bdscan.eval import EvalSpec
+        from bdscan.organisms.build import build_organism
+
+        self.recipe, self.args, self.console = recipe, args, console
+        self.path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
+        self.data = recipe.base.data.load()
+        self.clean = list(self.data.clean_train[-args.clean_n:])
+        self.spec = EvalSpec(clean=self.data.clean_test[: args.limit], poison=self.data.poison_test[: args.limit],
+                             judge=self.data.task, seed=args.seed)
+        self._detection = None
+
+    def detection(self, subject):
+        if self._detection is None:
+            self._detection = cached_detection(self.path, subject, self.args.seed, self.console,
+                                               reuse=self.args.size == "real")
+        return self._detection
+
+
+def trigger_source(organism: Organism, subject, method: str, mode: str):
+    """(keys, detection, localization) a cell's method gets: the true trigger (``given``),
+    detect's report (``agnostic``), or nothing (``blind``); kfac-lora's localization from them."""
+    from bdscan.localize import LocalizeConfig, localize
+    from bdscan.purify import PurifyInputs
+
+    keys, detection, localization = [], None, None
+    if mode == "given":
+        keys = [organism.data.trigger] if organism.data.trigger else []
+    elif mode == "agnostic":
+        detection = organism.detection(subject)
+        keys = list(PurifyInputs(subject=subject, clean=organism.clean, detection=detection).candidates)
+    if method == "kfac-lora" and keys:
+        localization = localize(subject, LocalizeConfig(), clean=organism.clean,
+                                trigger=keys[0] if mode == "given" else None, candidates=keys, seed=organism.args.seed)
+    return keys, detection, localization
+
+
+def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | None:
+    """One method in one mode on one organism: its row (an ``error`` row when it fails), or
+    None when the mode has no trigger to give (a multi-key attack in ``given``)."""
+    from bdscan.config import config_from_mapping
+    from bdscan.io import load_subject
+    from bdscan.purify import PURIFIERS, PurifyInputs, purify
+    from bdscan.runtime import seed_everything
+
+    args, recipe, console = organism.args, organism.recipe, organism.console
+    seed_everything(args.seed)
+    subject = load_subject(organism.path)
+    t0 = time.time()
+    keys, detection, localization = trigger_source(organism, subject, method, mode)
+    if mode != "blind" and not keys:
+        console.print(f"[yellow]{recipe.label} {method} {mode}: no trigger known (multi-trigger attack); skipped[/]")
+        return None
+    cell = {"organism": recipe.label, "threat": recipe.threat, "method": method, "mode": mode,
+            "overrides": [o for o in args.overrides if o.startswith(f"{method}.")], "autocast": args.autocast}
+    config = config_from_mapping(PURIFIERS.get(method).config_class, knobs.get(method, {}), where="--set")
+    inputs = PurifyInputs(subject=subject, clean=organism.clean, seed=args.seed, localization=localization,
+                          candidates=keys, detection=detection, autocast=args.autocast)
+    try:
+        result, _ = purify(method, config, inputs, eval_spec=organism.spec)
+    except Exception as e:  # a failing method is a result, not the end of the benchmark
+        console.print(f"[red]{recipe.label} {method} {mode}: {type(e).__name__}: {e}[/]")
+        return {**cell, "error": f"{type(e).__name__}: {e}"}
+    before, after = result.before, result.after
+    ppl_ratio = after.perplexity / before.perplexity if before.perplexity and after.perplexity else None
+    row = {**cell, "asr_before": before.asr, "asr_after": after.asr, "ftr_before": before.false_trigger_rate,
+           "ftr_after": after.false_trigger_rate, "ppl_before": before.perplexity, "ppl_after": after.perplexity,
+           "ppl_ratio": ppl_ratio, "agreement": after.agreement, "token_agreement": after.token_agreement,
+           "purify_seconds": result.seconds, "total_seconds": round(time.time() - t0, 1), "details": result.details,
+           "target_check": result.to_dict().get("target_check")}
+    row["meets_target"] = meets_target(row)
+    console.print(f"{recipe.label} {method:<11} {mode:<8} ASR {before.asr:.2f}->{after.asr:.2f} "
+                  f"FTR {after.false_trigger_rate:.2f} ppl x{ppl_ratio or float('nan'):.3f} "
+                  f"agree {after.agreement:.2f} token-F1 {after.token_agreement:.2f} {result.seconds:.0f}s")
+    return row
+
+
+def print_table(rows: list[dict], args, console) -> None:
     table = Table(title=f"bdscan purify ({'builtin' if args.data == 'builtin' else 'BackdoorLLM'}, size {args.size})")
     for col in ("organism", "method", "mode", "ASR before→after", "FTR after", "ppl ×", "agree", "token F1", "s",
                 "÷ finetune", "÷ own fine-tunes", "target"):
@@ -269,8 +282,35 @@ def main() -> None:
                       f"{r['agreement']:.2f}", _fmt(r.get("token_agreement")), f"{r['purify_seconds']:.0f}",
                       _fmt(r.get("time_vs_finetune")), _overhead(r), "yes" if r["meets_target"] else "[red]no[/]")
     console.print(table)
-    out = save_rows(args, rows)
-    console.print(f"wrote {out}")
+
+
+def main() -> None:
+    args = parse_args()
+    from bdscan.purify import PURIFIERS
+    from bdscan.runtime import configure_threads, quiet_libraries
+
+    configure_threads(args.threads)
+    quiet_libraries()
+    console = Console(width=170)
+    methods = args.methods.split(",") if args.methods else PURIFIERS.names()
+    knobs = method_knobs(args.overrides)
+    rows = []
+    for recipe in backdoored(args.data, args.size, threats=tuple(args.threats.split(","))):
+        if args.only and args.only not in recipe.label:
+            continue
+        organism = Organism(recipe, args, console)
+        for method in methods:
+            for mode in (args.modes.split(",") if method in NEEDS_KEYS else ["blind"]):
+                row = run_cell(organism, method, mode, knobs)
+                if row is not None:
+                    rows.append(row)
+                    save_rows(args, rows)  # a real-model cell costs tens of minutes: keep each as it lands
+        if args.signature_ablations:
+            rows += signature_ablations(organism.path, recipe, organism.clean, organism.spec, knobs.get("signature", {}),
+                                        args, console)
+    _finetune_ratios(rows)
+    print_table(rows, args, console)
+    console.print(f"wrote {save_rows(args, rows)}")
 
 
 if __name__ == "__main__":

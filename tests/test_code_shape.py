@@ -1,4 +1,4 @@
-"""Code shape: no function in src/bdscan is longer than 80 lines (STYLE: small functions, one
+"""Code shape: no function in src/bdscan or bench/ is longer than 80 lines (STYLE: small functions, one
 idea each). A failure names each function, its file and line, and its length."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bdscan"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 MAX_LINES = 80
 # Being rewritten on another branch (detect v2 and its error channel, issue 14); the lead
 # deletes the entry when that lands (the second test fails once it is short, to say so).
@@ -28,7 +29,7 @@ def long_functions(root: Path = SRC, limit: int = MAX_LINES) -> list[tuple[str, 
 
 
 def test_no_function_is_longer_than_80_lines():
-    too_long = [message for key, message in long_functions() if key not in PENDING]
+    too_long = [message for key, message in long_functions() + long_functions(BENCH) if key not in PENDING]
     assert not too_long, f"functions over {MAX_LINES} lines (split them):\n" + "\n".join(too_long)
 
 
