@@ -3,12 +3,10 @@ evaluate again, check whether detect's targets are still reachable, return a res
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any
 
-import torch
 
 from bdscan.detect.target_check import TargetCheckConfig
 from bdscan.errors import UsageError
@@ -17,6 +15,7 @@ from bdscan.purify.base import PURIFIERS, PurifierSpec, PurifyInputs, PurifyOutc
 from bdscan.purify.target_stage import TargetStage
 from bdscan.results.purify import PurifyResult
 from bdscan.runtime import seed_everything
+from bdscan.training import autocast_scope
 
 
 def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpec | None = None,
@@ -36,7 +35,8 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
     targets.before(subject)  # before the method: it may change subject.model in place
     seed_everything(inputs.seed)
     t0 = time.time()
-    with _autocast(subject, inputs.autocast):
+    # the method's mixed-precision scope; evaluation and the target check stay outside it
+    with autocast_scope(next(subject.model.parameters()).device, inputs.autocast):
         inputs, stages = localize_stage(spec, config, inputs)
         outcome = spec.run(inputs, config)
     seconds = time.time() - t0
@@ -54,20 +54,6 @@ def purify(method: str, config: Any, inputs: PurifyInputs, *, eval_spec: EvalSpe
         before=before, after=after, provenance=subject.provenance(), target_check=targets.result(),
     )
     return result, outcome
-
-
-def _autocast(subject: Any, dtype: str | None) -> contextlib.AbstractContextManager:
-    """The method's mixed-precision scope (evaluation and the target check stay outside it).
-
-    The weight-cast cache is off: autocast keeps the low-precision copy of each trainable
-    leaf until its region exits, and this region spans the whole training run, so with the
-    cache every forward after the first would use the weights as they were before step 1
-    (the optimizer moved the fp32 weights blind: KL to the start read 0.0 while perplexity
-    rose 5.6x on the real badnet adapter)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    device = next(subject.model.parameters()).device
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), cache_enabled=False)
 
 
 def localize_stage(spec: PurifierSpec, config: Any, inputs: PurifyInputs) -> tuple[PurifyInputs, dict]:
