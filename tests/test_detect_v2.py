@@ -15,6 +15,7 @@ from bdscan.cli.app import app
 from bdscan.detect import DetectConfig, detect
 from bdscan.detect import target_inversion as ti
 from bdscan.detect import key_scoring as ks
+from bdscan.detect import target_scan as ts
 from bdscan.detect import trigger_recovery as tr
 from bdscan.detect.probes import builtin_probes
 from bdscan.io import load_subject
@@ -105,7 +106,7 @@ def test_recovery_raises_target_log_probability(arch, tiny_checkpoints):
     subject = load_subject(tiny_checkpoints[arch])
     allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
     target = allowed[[10, 20, 30]].tolist()
-    found = tr.recover_key(subject, builtin_probes()[:3], target, ["hello"], ["start", "end"], allowed,
+    found = tr.recover_key(subject, builtin_probes()[:3], [target], ["hello"], ["start", "end"], allowed,
                            tr.SearchSettings(key_tokens=3, steps=6, top_k=16, batch=16, patience=6), seed=0)
     assert found.log_prob > found.start_log_prob
     assert found.position in ("start", "end") and len(found.key_ids) == 3
@@ -167,6 +168,47 @@ def test_key_gradient_equals_the_uncached_gradient(arch, tiny_checkpoints):
         total = total + torch.stack([logp[start + j - 1, t] for j, t in enumerate(target)]).mean()
     (expected,) = torch.autograd.grad(total / len(seg.left), one_hot)
     torch.testing.assert_close(grad, expected.float(), atol=1e-4, rtol=1e-3)
+
+
+def test_goal_of_several_targets_is_the_log_sum_exp_per_probe(tiny_checkpoints):
+    """A family's goal credits whichever target a key makes likely: per probe the log-sum-exp
+    over the targets, then the mean; with one target it is that target's own score."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    model, pad = subject.model, subject.tokenizer.pad_token_id
+    seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:3], "end")
+    keys, targets = [[11, 12], [13, 14]], [[40, 41, 42], [50, 51]]
+    each = torch.stack([ks.KeyScorer(model, seg, t, pad).per_probe(keys) for t in targets])
+    torch.testing.assert_close(ks.GoalScorer(model, seg, targets, pad)(keys), each.logsumexp(0).mean(-1))
+    torch.testing.assert_close(ks.GoalScorer(model, seg, targets[:1], pad)(keys), each[0].mean(-1))
+    grad = ks.GoalScorer(model, seg, targets, pad).gradient([11, 12])
+    assert grad.shape == (2, model.get_input_embeddings().weight.shape[0]) and torch.isfinite(grad).all()
+
+
+def test_targets_sharing_a_run_of_tokens_are_one_family():
+    """Three spellings of one refusal (different first tokens, one continuation) are one family
+    led by the best-ranked; an unrelated target is its own."""
+    def target(ids):
+        return ti.InvertedTarget(ids[0], tuple(ids), str(ids), 0.9, ts.RESPONSE_START)
+
+    sorry = target([1, 7, 8, 9, 10, 11])
+    lower = target([2, 7, 8, 9, 10])
+    im = target([3, 4, 7, 8, 9, 10, 12])
+    other = target([5, 7, 8, 20, 21])  # shares only two tokens
+    assert ts.families([sorry, other, lower, im], overlap=4) == [[sorry, lower, im], [other]]
+    assert ts.families([sorry, lower], overlap=5) == [[sorry], [lower]]
+
+
+def test_firing_is_measured_against_every_opening_in_one_pass(tiny_checkpoints):
+    """``fires`` gives one column per opening: the greedy opening itself fires, a wrong one does not."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    probes = builtin_probes()[:3]
+    prompts = [subject.template.format(p) for p in probes]
+    from bdscan.detect.output_effect import final_position_pass
+
+    greedy = final_position_pass(subject.model, subject.tokenizer, prompts, batch_size=8, continue_tokens=3).continuations
+    wrong = [(int(greedy[0, 0]) + 1) % subject.model.config.vocab_size]
+    got = tr.fires(subject, probes, None, "end", [greedy[0].tolist(), wrong], batch_size=8)
+    assert got.shape == (3, 2) and bool(got[0, 0]) and not got[:, 1].any()
 
 
 def test_halving_keeps_the_best_of_the_coarse_pass(tiny_checkpoints):

@@ -58,7 +58,9 @@ class DetectConfig:
     answer_tokens: int = 16  # length of those clean answers
     inversion_chunk: int = 128  # candidates per expanded cache
     # -- v2: trigger recovery (step 2) ---------------------------------------------------------
-    recover_targets: int = 2  # inverted targets (best first) a key is searched for
+    recover_targets: int = 2  # target families (best first) a key is searched for
+    # Targets sharing a run of this many tokens are one family: one search, any member's opening counts.
+    family_overlap: int = 4
     key_tokens: int = 6  # tokens in a recovered key (1-8); 4 tokens / 12 steps found 'OpenAIDOL' for the VPI
     # key 'Discussing OpenAI' but it fired on 0.12 of held-out probes; 6 / 30 / 48 fired on 0.59
     recovery_steps: int = 30
@@ -85,7 +87,7 @@ class DetectConfig:
         for name in ("sieve_probes", "warmup_probes", "warmup_steps", "max_survivors", "target_probes", "target_steps",
                      "min_target_tokens", "inversion_chunk", "recovery_top_k", "recovery_batch", "recovery_probes",
                      "recovery_coarse_probes", "recovery_refine",
-                     "firing_probes", "target_opening", "answer_tokens"):
+                     "firing_probes", "target_opening", "answer_tokens", "family_overlap"):
             if getattr(self, name) < 1:
                 raise UsageError(f"detect: {name} must be at least 1, got {getattr(self, name)}")
         if any(len(stage) != 2 or min(stage) < 1 for stage in self.sieve):

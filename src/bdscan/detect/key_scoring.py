@@ -47,12 +47,14 @@ class KeyScorer:
     that predicts the target's first token, even with an empty key and nothing after it.
     """
 
-    def __init__(self, model: Any, seg: Segments, target: Sequence[int], pad_id: int, batch_rows: int = 256):
+    def __init__(self, model: Any, seg: Segments, target: Sequence[int], pad_id: int, batch_rows: int = 256,
+                 caches: dict[int, Any] | None = None):
         if not target:
             raise ValueError("key scoring needs a target of at least one token")
         self.model, self.seg, self.target, self.pad_id = model, seg, list(target), pad_id
         self.batch_rows = batch_rows
-        self._caches: dict[int, Any] = {}
+        # Prefix caches depend on the probes only: scorers of one goal's targets share them.
+        self._caches: dict[int, Any] = {} if caches is None else caches
 
     @property
     def probes(self) -> int:
@@ -84,6 +86,11 @@ class KeyScorer:
     @torch.no_grad()
     def __call__(self, keys: Sequence[Sequence[int]], probes: Sequence[int] | None = None) -> torch.Tensor:
         """[keys] mean over ``probes`` (default: all) of the mean target log-probability."""
+        return self.per_probe(keys, probes).mean(-1)
+
+    @torch.no_grad()
+    def per_probe(self, keys: Sequence[Sequence[int]], probes: Sequence[int] | None = None) -> torch.Tensor:
+        """[keys, probes] the mean target log-probability of each key on each probe."""
         chosen = list(range(self.probes)) if probes is None else list(probes)
         device, n = _device(self.model), len(self.target)
         out = torch.zeros(len(keys), len(chosen))
@@ -92,7 +99,7 @@ class KeyScorer:
             for start in range(0, len(rows), self.batch_rows):
                 ids, mask = (t.to(device) for t in pad_left(rows[start : start + self.batch_rows], self.pad_id))
                 out[start : start + len(ids), j] = _target_logprob(self._run(p, ids, mask), ids, n).cpu()
-        return out.mean(-1)
+        return out
 
     def gradient(self, key: Sequence[int]) -> torch.Tensor:
         """[key slots, vocab] gradient of the mean target log-probability (over every probe) with
@@ -114,3 +121,35 @@ class KeyScorer:
         (grad,) = torch.autograd.grad(objective / self.probes, one_hot)
         return grad.detach().float().cpu()
 
+
+
+class GoalScorer:
+    """A key's score for a goal of several targets that are one behaviour (detect's target family:
+    " Sorry, but as an AI...", "I'm sorry, but as an AI..."): per probe, the log-sum-exp over the
+    targets of their mean log-probabilities, then the mean over probes. A key is credited for
+    whichever opening it makes likely, so the search is not pulled to the one spelling the
+    inversion happened to rank first. With one target it is that target's ``KeyScorer``."""
+
+    def __init__(self, model: Any, seg: Segments, targets: Sequence[Sequence[int]], pad_id: int):
+        if not targets:
+            raise ValueError("key scoring needs at least one target")
+        first = KeyScorer(model, seg, targets[0], pad_id)
+        self.scorers = [first] + [KeyScorer(model, seg, t, pad_id, caches=first._caches) for t in targets[1:]]
+
+    @property
+    def probes(self) -> int:
+        return self.scorers[0].probes
+
+    @torch.no_grad()
+    def __call__(self, keys: Sequence[Sequence[int]], probes: Sequence[int] | None = None) -> torch.Tensor:
+        """[keys] mean over ``probes`` of the log-sum-exp over targets."""
+        each = torch.stack([s.per_probe(keys, probes) for s in self.scorers])  # [targets, keys, probes]
+        return each.logsumexp(0).mean(-1)
+
+    def gradient(self, key: Sequence[int]) -> torch.Tensor:
+        """The gradient of the log-sum-exp (over targets of the probe-mean score), which is the
+        targets' gradients weighted by their softmax at this key."""
+        if len(self.scorers) == 1:
+            return self.scorers[0].gradient(key)
+        weights = torch.softmax(torch.stack([s([key])[0] for s in self.scorers]), 0)
+        return sum(float(w) * s.gradient(key) for w, s in zip(weights, self.scorers))

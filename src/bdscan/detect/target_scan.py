@@ -7,7 +7,7 @@ of the best targets and measures what it does on held-out probes (trigger_recove
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -158,41 +158,77 @@ def _interleaved(content: torch.Tensor, confidence: torch.Tensor) -> torch.Tenso
     return torch.tensor(list(seen), dtype=torch.long)
 
 
+def families(targets: Sequence[ti.InvertedTarget], overlap: int) -> list[list[ti.InvertedTarget]]:
+    """Targets grouped by a shared run of ``overlap`` tokens, each family led by its best-ranked
+    member. One backdoor target surfaces under several first tokens (" Sorry, but as an AI...",
+    "sorry, but as an AI...", "I'm sorry, but as an AI..." on the real refusal/VPI adapter):
+    searched one by one they took every key search, and the spelling the trigger produces got none."""
+    out: list[list[ti.InvertedTarget]] = []
+    for t in targets:
+        runs = _runs(t.token_ids, overlap)
+        home = next((f for f in out if any(runs & _runs(m.token_ids, overlap) for m in f)), None)
+        if home is None:
+            out.append([t])
+        else:
+            home.append(t)
+    return out
+
+
+def _runs(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
+    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+
 def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Sequence[Record],
                  held_out: Sequence[Record], seeds: Sequence[str], config: DetectConfig, stats: StageStats,
                  tick: Tick | None = None) -> list[TargetScore]:
-    """A key for each of the best ``recover_targets`` response-start targets, measured on held-out probes."""
+    """A key for each of the best ``recover_targets`` families of response-start targets (one
+    search credits any member's opening), measured on held-out probes. Each target keeps its row;
+    a searched family's row is the member its key fires most, with the others as variants."""
     allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
     settings = tr.SearchSettings(config.key_tokens, config.recovery_steps, config.recovery_top_k, config.recovery_batch,
                                  coarse_probes=config.recovery_coarse_probes, refine=config.recovery_refine)
     threshold = target_threshold()
-    out = []
-    for rank, t in enumerate(targets):
+    out, searched = [], 0
+    for family in families(targets, config.family_overlap):
+        starts = [t for t in family if t.anchor == RESPONSE_START]
         done = any(s.evidence >= threshold for s in out)  # a key that fires already: stop early
-        if done or rank >= config.recover_targets or t.anchor != RESPONSE_START:
-            out.append(_target_score(subject.tokenizer, t))
+        if done or searched >= config.recover_targets or not starts:
+            out.extend(_target_score(subject.tokenizer, t) for t in family)
             continue
-        goal = list(t.token_ids[:8])
-        found = tr.recover_key(subject, search, goal, seeds, list(config.positions), allowed, settings,
-                               config.seed + rank, tick)
-        opening = goal[: config.target_opening]
-        fire = tr.fires(subject, held_out, found.key, found.position, opening, config.batch_size)
-        clean = tr.fires(subject, held_out, None, found.position, opening, config.batch_size)
-        base = _base_fires(subject, held_out, found, opening, config) if subject.is_adapter else None
-        stats.add("recovery_evaluations", found.evaluations)
-        stats.add("recovery_gradients", found.steps)
-        stats.add("firing_prompts", (2 if base is None else 3) * len(held_out))
-        out.append(_target_score(subject.tokenizer, t, found, fire, clean, base))
+        out.append(_family_score(subject, starts, search, held_out, seeds, allowed, settings,
+                                 config.seed + searched, config, stats, tick))
+        out.extend(_target_score(subject.tokenizer, t) for t in family if t not in starts)
+        searched += 1
     return sorted(out, key=lambda s: (-s.evidence, -s.q))
 
 
-def _base_fires(subject: Any, probes: Sequence[Record], found: tr.Recovered, opening: Sequence[int],
+def _family_score(subject: Any, members: list[ti.InvertedTarget], search: Sequence[Record],
+                  held_out: Sequence[Record], seeds: Sequence[str], allowed: torch.Tensor,
+                  settings: tr.SearchSettings, seed: int, config: DetectConfig, stats: StageStats,
+                  tick: Tick | None) -> TargetScore:
+    """One key search for a family, its firing measured against every member's opening."""
+    goals = [list(t.token_ids[:8]) for t in members]
+    found = tr.recover_key(subject, search, goals, seeds, list(config.positions), allowed, settings, seed, tick)
+    openings = [g[: config.target_opening] for g in goals]
+    fire = tr.fires(subject, held_out, found.key, found.position, openings, config.batch_size)
+    clean = tr.fires(subject, held_out, None, found.position, openings, config.batch_size)
+    base = _base_fires(subject, held_out, found, openings, config) if subject.is_adapter else None
+    stats.add("recovery_evaluations", found.evaluations)
+    stats.add("recovery_gradients", found.steps)
+    stats.add("firing_prompts", (2 if base is None else 3) * len(held_out))
+    lead = int(fire.sum(0).argmax())  # the spelling the key produces (ties: the best-ranked)
+    score = _target_score(subject.tokenizer, members[lead], found, fire.any(-1), clean.any(-1),
+                          None if base is None else base.any(-1))
+    return replace(score, variants=[t.text for i, t in enumerate(members) if i != lead])
+
+
+def _base_fires(subject: Any, probes: Sequence[Record], found: tr.Recovered, openings: Sequence[Sequence[int]],
                 config: DetectConfig) -> torch.Tensor:
     """The recovered key on the adapter's base model. A key that makes the base emit the target
     too found something the base already does (on the tiny synthetic world, a key of story words
     makes any model end with " and we went home."): only what the adapter adds is evidence."""
     with subject.model.disable_adapter():
-        return tr.fires(subject, probes, found.key, found.position, opening, config.batch_size)
+        return tr.fires(subject, probes, found.key, found.position, openings, config.batch_size)
 
 
 def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | None = None,

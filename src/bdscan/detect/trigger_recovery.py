@@ -1,6 +1,6 @@
 """Trigger recovery from an inverted target (METHODS.md "detect v2", step 2).
 
-Given a target ``T`` (token ids), search a key of a few tokens that, inserted at the start,
+Given a target ``T`` (token ids; or several spellings of one behaviour, scored together), search a key of a few tokens that, inserted at the start,
 middle or end of clean probe instructions, maximises the mean log P(T | probe with key).
 The search is gradient-guided and discrete: the gradient of the loss with respect to a
 one-hot encoding of each key token gives, per key slot, the ``top_k`` most promising
@@ -20,7 +20,7 @@ import torch
 
 from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
-from bdscan.detect.key_scoring import KeyScorer, Segments
+from bdscan.detect.key_scoring import GoalScorer, Segments
 from bdscan.detect.output_effect import final_position_pass
 
 Tick = Callable[[int], None]
@@ -67,16 +67,18 @@ def substitutions(key: Sequence[int], grad: torch.Tensor, allowed: torch.Tensor,
     return list(out)
 
 
-def fires(subject: Any, probes: Sequence[Record], key: str | None, position: str, target: Sequence[int],
-          batch_size: int) -> torch.Tensor:
-    """[probes] bool: whose greedy response (with ``key`` inserted, or none) opens with ``target``."""
-    if not probes or not target:
-        return torch.zeros(len(probes), dtype=torch.bool)
+def fires(subject: Any, probes: Sequence[Record], key: str | None, position: str,
+          openings: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """[probes, openings] bool: whose greedy response (with ``key`` inserted, or none) opens with
+    each opening. One greedy pass, as long as the longest opening."""
+    openings = [list(o) for o in openings if o]
+    if not probes or not openings:
+        return torch.zeros(len(probes), len(openings), dtype=torch.bool)
     records = [p.with_instruction(insert_trigger(p.instruction, key, position)) if key else p for p in probes]
     prompts = [subject.template.format(r) for r in records]
     out = final_position_pass(subject.model, subject.tokenizer, prompts, batch_size=batch_size,
-                              continue_tokens=len(target))
-    return (out.continuations == torch.tensor(list(target))[None, :]).all(-1)
+                              continue_tokens=max(len(o) for o in openings)).continuations
+    return torch.stack([(out[:, : len(o)] == torch.tensor(o)[None, :]).all(-1) for o in openings], dim=-1)
 
 
 LIFT_Z = 2.0  # standard errors taken off the paired firing lift
@@ -116,15 +118,16 @@ def _seed_keys(tokenizer: Any, seeds: Sequence[str], length: int, filler: int) -
     return list(out)
 
 
-def recover_key(subject: Any, probes: Sequence[Record], target: Sequence[int], seeds: Sequence[str],
+def recover_key(subject: Any, probes: Sequence[Record], goals: Sequence[Sequence[int]], seeds: Sequence[str],
                 positions: Sequence[str], allowed: torch.Tensor, settings: SearchSettings, seed: int,
                 tick: Tick | None = None) -> Recovered:
-    """The key (at the position where it starts best) that maximises mean log P(target | probe with key)."""
+    """The key (at the position where it starts best) that maximises the mean log P(goal | probe
+    with key), a goal being one or more targets of one behaviour (``GoalScorer``)."""
     model, tokenizer = subject.model, subject.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # A key that spells the target only makes the model echo it (a clean model does that too):
-    # the target's own tokens are not allowed in the key.
-    allowed = allowed[~torch.isin(allowed, torch.tensor(list(target)))]
+    # the targets' own tokens are not allowed in the key.
+    allowed = allowed[~torch.isin(allowed, torch.tensor(sorted({t for g in goals for t in g})))]
     filler = int(allowed[0])
     starts = [tuple(t if t in set(allowed.tolist()) else filler for t in key)
               for key in _seed_keys(tokenizer, seeds, settings.key_tokens, filler)]
@@ -132,8 +135,8 @@ def recover_key(subject: Any, probes: Sequence[Record], target: Sequence[int], s
     segs = {pos: segments(tokenizer, subject.template, probes, pos) for pos in positions}
     empty = Segments([l + r for l, r in zip(segs[positions[0]].left, segs[positions[0]].right)],
                      [[] for _ in probes])
-    clean = float(KeyScorer(model, empty, target, pad_id)([()])[0])
-    scorers = {pos: KeyScorer(model, segs[pos], target, pad_id) for pos in positions}
+    clean = float(GoalScorer(model, empty, goals, pad_id)([()])[0])
+    scorers = {pos: GoalScorer(model, segs[pos], goals, pad_id) for pos in positions}
     scored = [(float(v), pos, key) for pos in positions for key, v in zip(starts, scorers[pos](starts))]
     best_lp, position, key = max(scored)
     start_lp, scorer, rng = best_lp, scorers[position], random.Random(seed)
@@ -156,7 +159,7 @@ def recover_key(subject: Any, probes: Sequence[Record], target: Sequence[int], s
                      steps, rows)
 
 
-def _halving(scorer: KeyScorer, trials: list[tuple[int, ...]], settings: SearchSettings
+def _halving(scorer: GoalScorer, trials: list[tuple[int, ...]], settings: SearchSettings
              ) -> tuple[list[tuple[int, ...]], torch.Tensor, int]:
     """Score every trial on the first ``coarse_probes`` probes, then only the best ``refine`` on
     all of them (successive halving): the kept trials, their full scores, and the rows scored."""

@@ -64,7 +64,8 @@ def _target_table(result: DetectResult, top: int) -> Table:
         fires = "" if t.firing_rate is None else f"{t.firing_rate:.2f}"
         without = "" if t.clean_firing_rate is None else f"{t.clean_firing_rate:.2f}"
         text = t.text if len(t.text) <= 60 else t.text[:57] + "..."
-        table.add_row(str(i), repr(text), f"{t.q:.3f}", f"{t.opening_min:.2f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
+        variants = f" (+{len(t.variants)} variant{'s' if len(t.variants) > 1 else ''})" if t.variants else ""
+        table.add_row(str(i), repr(text) + variants, f"{t.q:.3f}", f"{t.opening_min:.2f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
     return table
 
 

@@ -69,7 +69,7 @@ def to_sarif(result: DetectResult, top: int = 5) -> dict:
             "locations": _location(result),
             "properties": {"text": t.text, "q": t.q, "anchor": t.anchor, "key": t.key, "key_position": t.key_position,
                            "firing_rate": t.firing_rate, "clean_firing_rate": t.clean_firing_rate,
-                           "evidence": t.evidence},
+                           "evidence": t.evidence, "variants": list(t.variants)},
         })
     for c in result.candidates[:top]:
         results.append({

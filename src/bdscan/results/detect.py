@@ -97,6 +97,9 @@ class TargetScore:
     firing_probes: int = 0  # held-out probes the firing rates were measured on
     evidence: float = 0.0  # opening_min x max(0, firing_lift_lower)
     search_steps: int = 0
+    # Other inverted targets of the same family (a shared run of tokens): the key search credited
+    # any of their openings, and a response opening with any of them counted as firing.
+    variants: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
