@@ -203,6 +203,9 @@ def scan_row(recipe, config, args, console) -> dict:
     from bdscan.io import load_subject
     from bdscan.organisms.build import build_organism, organism_info
 
+    sys.path.insert(0, str(REPO / "bench"))
+    from suite import save_detect_report
+
     t = time.perf_counter()
     path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
     build_s = time.perf_counter() - t
@@ -210,6 +213,7 @@ def scan_row(recipe, config, args, console) -> dict:
     t = time.perf_counter()
     result = detect(subject, config)
     wall = time.perf_counter() - t
+    save_detect_report(path, config.seed, result)  # bench/purify.py's trigger-agnostic cells start from it
     plain = plain_forward_seconds(subject, result, config)
     info = organism_info(path)
     task = info.get("task") if recipe.backdoored else None

@@ -43,15 +43,13 @@ def scan(label: str, path: str, backdoored: bool, dtype: str) -> dict:
     from bdscan.io import load_subject
     from bdscan.organisms.build import organism_info
     from detect import target_match
+    from suite import save_detect_report
 
     subject = load_subject(path, dtype=getattr(torch, dtype))
     t = time.perf_counter()
     result = detect(subject, DetectConfig())
     wall = time.perf_counter() - t
-    # The whole report, for bench/purify.py --size real --from-detect-cache (purify from detect).
-    reports = Path(os.environ["BDSCAN_CACHE"]) / "detect-real"
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / f"{Path(path).name}.json").write_text(json.dumps(result.to_dict(), default=str))
+    save_detect_report(path, 0, result)  # for bench/purify.py's trigger-agnostic cells
     info = organism_info(Path(path)) if backdoored else {}
     s = result.summary
     best = next((x for x in result.targets if x.text == s.target), None)

@@ -30,7 +30,7 @@ os.environ.setdefault("BDSCAN_CACHE", str(REPO / ".bdscan-cache" / "bench"))  # 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from suite import DEFAULT_DATA, backdoored  # noqa: E402
+from suite import DEFAULT_DATA, backdoored, detect_report_path, save_detect_report  # noqa: E402
 
 NEEDS_KEYS = {"kfac-lora", "head-align", "latent-adv"}
 
@@ -97,25 +97,19 @@ def signature_ablations(path, recipe, clean, spec, base_knobs, args, console) ->
     return rows
 
 
-def cached_detect_path(path: Path, seed: int) -> Path:
-    """Where a detect report of one organism is kept (bench/detect_real.py writes the same)."""
-    return Path(os.environ["BDSCAN_CACHE"]) / "detect-real" / f"{Path(path).name}{'' if seed == 0 else f'-s{seed}'}.json"
-
-
-def cached_detection(path: Path, subject, seed: int, console, reuse: bool):
-    """detect's report on the organism; with ``reuse`` (the real model, where a scan costs
-    minutes), from the cache when a run with this seed made one. The methods get the whole
-    result: targets, recovered key, candidates."""
+def cached_detection(path: Path, subject, seed: int, console):
+    """detect's report on the organism: the one a detect benchmark saved (the scan it measured),
+    else a fresh scan, saved the same way. The methods get the whole result: targets, recovered
+    key, candidates."""
     from bdscan.detect import DetectConfig, detect
     from bdscan.results.detect import DetectResult
 
-    cached = cached_detect_path(path, seed)
-    if reuse and cached.exists():
+    cached = detect_report_path(path, seed)
+    if cached.exists():
         console.print(f"[dim]detect report from {cached}[/]")
         return DetectResult.from_dict(json.loads(cached.read_text()), where=str(cached))
     found = detect(subject, DetectConfig(seed=seed))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(found.to_dict(), default=str))
+    save_detect_report(path, seed, found)
     return found
 
 
@@ -205,8 +199,7 @@ class Organism:
 
     def detection(self, subject):
         if self._detection is None:
-            self._detection = cached_detection(self.path, subject, self.args.seed, self.console,
-                                               reuse=self.args.size == "real")
+            self._detection = cached_detection(self.path, subject, self.args.seed, self.console)
         return self._detection
 
 

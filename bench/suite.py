@@ -98,3 +98,23 @@ def controls(data: str, size: str, seeds=(0, 1, 2), threats=("lora", "full")) ->
 
 def with_seed(recipe: OrganismRecipe, seed: int) -> OrganismRecipe:
     return replace(recipe, seed=seed)
+
+
+def detect_report_path(organism_path: str | Path, seed: int = 0) -> Path:
+    """Where the detect benchmarks keep their whole report on one organism, so that
+    bench/purify.py's trigger-agnostic cells start from the scan that was measured instead of
+    paying for a second one (minutes on the bench models, an hour on the real one)."""
+    name = Path(organism_path).name + ("" if seed == 0 else f"-s{seed}")
+    return Path(os.environ.get("BDSCAN_CACHE", Path.home() / ".cache" / "bdscan")) / "detect-reports" / f"{name}.json"
+
+
+def save_detect_report(organism_path: str | Path, seed: int, result) -> Path:
+    """``result.to_dict()`` at ``detect_report_path``, written whole or not at all."""
+    import json
+
+    path = detect_report_path(organism_path, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_dict(), default=str))
+    tmp.replace(path)
+    return path
