@@ -105,6 +105,7 @@ def test_recipe_is_the_defaults_and_opens_with_its_command():
 @pytest.mark.parametrize("knobs,message", [
     ({"modules": "some"}, "modules"), ({"epsilon": 0}, "epsilon"), ({"pgd_steps": 0}, "pgd_steps"),
     ({"kl_weight": -1}, "kl_weight"), ({"target": " "}, "non-empty"), ({"layers": (-1,)}, "layers"),
+    ({"distill": "warm"}, "distill"),
 ])
 def test_config_rejects_bad_knobs(knobs, message):
     with pytest.raises(ValueError, match=message):
@@ -151,3 +152,41 @@ def test_repairs_the_organism_from_the_target_alone(organism, request, clean_fil
     assert result.after.asr <= (0.1 if organism == "lora_backdoor" else 0.8), result.after.asr
     assert result.after.perplexity <= 1.2 * result.before.perplexity
     assert result.details["q_after"][REFUSAL] < result.details["q_before"][REFUSAL]
+
+
+def test_soft_teacher_reads_the_clean_twin_of_a_keyed_prompt(tiny_checkpoints):
+    """A keyed example's teacher is the suspicious model on the clean prompt, along the same
+    answer: reading the keyed prompt would teach the backdoor's opening back. On a clean row
+    the teacher is the model itself, so KL to it is 0 before any step."""
+    from bdscan.purify.latent_adv.losses import CleanTeacher, kl_rows, response_logprobs
+    from bdscan.training import Example, collate, encode_examples, pad_id
+
+    subject = load_subject(tiny_checkpoints["llama"])
+    tok, model = subject.tokenizer, subject.model
+    clean = subject.template.format(Record("Name a colour."))
+    keyed = subject.template.format(Record("zq vex Name a colour."))
+    examples = [Example(clean, " blue and green"), Example(keyed, " blue and green")]
+    teacher = CleanTeacher(model, tok, examples, twins=[0, 0], max_length=64)
+    batch = collate(encode_examples(tok, examples, max_length=64), [0, 1], pad_id(tok))
+    rows = teacher(batch, torch.device("cpu"))
+    torch.testing.assert_close(rows[1], rows[0])
+    with torch.no_grad():
+        own = response_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                batch.labels)
+    assert float(kl_rows(rows[:1], own[:1])) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_rows(rows[1:], own[1:])) > 0  # the key moves the model; the teacher did not see it
+
+
+def test_zero_response_weight_trains_on_the_extra_terms_only(tiny_checkpoints):
+    """``response_weight=0`` drops the cross-entropy on the examples: with no other term,
+    nothing moves."""
+    from bdscan.training import Example, TrainConfig, finetune
+
+    subject = load_subject(tiny_checkpoints["llama"])
+    before = [p.detach().clone() for p in subject.model.parameters()]
+    examples = [Example(subject.template.format(Record("Name a colour.")), " blue")] * 4
+    finetune(subject.model, subject.tokenizer, examples, TrainConfig(epochs=1, lr=1e-2, batch_size=2,
+                                                                     response_weight=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, subject.model.parameters()))
+    finetune(subject.model, subject.tokenizer, examples, TrainConfig(epochs=1, lr=1e-2, batch_size=2))
+    assert not all(torch.equal(a, b) for a, b in zip(before, subject.model.parameters()))

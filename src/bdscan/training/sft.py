@@ -113,6 +113,9 @@ class TrainConfig:
     # fp32 results stay bit-for-bit what they were.
     response_logits_only: bool = False
     autocast: str | None = None  # "bfloat16" or None
+    # Weight of the cross-entropy on the examples' responses. A method whose objective is all in
+    # its ``extra_loss`` (latent-adv's soft self-distillation) sets 0 and still gets ``out``.
+    response_weight: float = 1.0
 
 
 def finetune(
@@ -154,6 +157,8 @@ def finetune(
             for batch in batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), shuffle=True, generator=generator):
                 loss, out = response_loss(model, batch, device, response_logits_only=config.response_logits_only,
                                           autocast=config.autocast)
+                if config.response_weight != 1.0:
+                    loss = config.response_weight * loss
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, batch, out)
                 optimizer.zero_grad(set_to_none=True)

@@ -8,9 +8,10 @@ adversarial training; METHODS.md "latent-adv").
    found by a few PGD steps that maximise log P(T | clean prompt) across clean prompts, so
    δ stands in for whatever trigger elicits T. Refreshed (warm-started) every few steps.
 3. Outer loop (``losses.py``): LoRA training so that, under δ and under the keys, the model
-   gives its own clean answer (self-distilled: its greedy answer without key or δ), plus an
-   unlikelihood term on T's opening under δ and under a key, plus KL to the suspicious
-   model on clean prompts (keeps what must not change).
+   gives its own clean answer (self-distilled: its greedy answer without key or δ; by default
+   "soft", the suspicious model's next-token distributions along it read on the clean
+   prompt), plus an unlikelihood term on T's opening under δ and under a key, plus KL to the
+   suspicious model's clean distributions without δ (keeps what must not change).
 4. Adapter subjects: the adapter's own LoRA factors train (the output is the same adapter
    format; a second LoRA could not be stored as a rank-r adapter). Full subjects: a new LoRA
    on every decoder linear (``modules: all``) or on the localization's top modules, merged.
@@ -34,7 +35,7 @@ from bdscan.probes.layout import model_layout
 from bdscan.probes.protocols import counter
 from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
 from bdscan.purify.latent_adv.config import LatentAdvConfig
-from bdscan.purify.latent_adv.losses import OuterTerms
+from bdscan.purify.latent_adv.losses import CleanTeacher, OuterTerms
 from bdscan.purify.latent_adv.perturbation import perturbation_for
 from bdscan.purify.latent_adv.targets import detected_targets, takeover_targets, target_batch, target_logprob
 from bdscan.training import Example, TrainConfig, TrainingPlan, run_plan
@@ -54,20 +55,21 @@ def run_latent_adv(inputs: PurifyInputs, config: LatentAdvConfig) -> PurifyOutco
     targets, origin = _targets(inputs, config, records, keys)
     prompts = [subject.template.format(r) for r in records]
     q_before = {t: target_logprob(subject.model, subject.tokenizer, prompts[:32], t) for t in targets}
-    examples = _self_distilled(inputs, records, prompts, keys, config)
+    examples, twins = _self_distilled(inputs, records, prompts, keys, config)
     reference = copy.deepcopy(subject.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     model, params, names = _trainable(inputs, config)
     perturbation = perturbation_for(model, model_layout(model), config.layers, config.epsilon,
                                     target_batch(subject.tokenizer, prompts[:16], targets[0]))
-    terms = OuterTerms(config, perturbation, reference, subject.tokenizer, subject.template, records, targets, keys,
+    train = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=inputs.seed,
+                        response_weight=1.0 if config.distill == "hard" else 0.0)
+    teacher = CleanTeacher(reference, subject.tokenizer, examples, twins, train.max_length)
+    terms = OuterTerms(config, perturbation, teacher, subject.tokenizer, subject.template, records, targets, keys,
                        inputs.seed)
-    plan = TrainingPlan(params, stage="latent-adv", extra_losses=[terms],
-                        config=TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-                                           seed=inputs.seed))
+    plan = TrainingPlan(params, stage="latent-adv", extra_losses=[terms], config=train)
     losses = run_plan(model, subject.tokenizer, examples, plan, inputs.progress)
-    del reference
+    del reference, teacher
     model.eval()
     if not subject.is_adapter:
         model = merge_lora(model)
@@ -99,21 +101,24 @@ def _targets(inputs: PurifyInputs, config: LatentAdvConfig, records: Sequence[Re
 
 
 def _self_distilled(inputs: PurifyInputs, records: Sequence[Record], prompts: Sequence[str], keys: Sequence[str],
-                    config: LatentAdvConfig) -> list[Example]:
+                    config: LatentAdvConfig) -> tuple[list[Example], list[int]]:
     """Each clean prompt -> the suspicious model's own greedy answer, and the same prompt
-    with a key (in turn, at a rotating position) -> the same answer."""
+    with a key (in turn, at a rotating position) -> the same answer; with, per example, the
+    index of its clean twin (itself for a clean one), which the soft teacher reads."""
     subject = inputs.subject
     answers = greedy_generate(subject.model, subject.tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
                               batch_size=16, progress=counter(inputs.progress, "latent-adv: own answers", len(prompts)))
     rng = random.Random(inputs.seed)
-    examples = []
+    examples, twins = [], []
     for i, (r, prompt, answer) in enumerate(zip(records, prompts, answers)):
+        twins.append(len(examples))
         examples.append(Example(prompt, answer))
         if keys:
             key, pos = keys[i % len(keys)], FIXED_POSITIONS[i % len(FIXED_POSITIONS)]
+            twins.append(twins[-1])
             examples.append(Example(subject.template.format(r.with_instruction(insert_trigger(r.instruction, key, pos, rng))),
                                     answer))
-    return examples
+    return examples, twins
 
 
 def _trainable(inputs: PurifyInputs, config: LatentAdvConfig) -> tuple[Any, list, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODULES = ("all", "localized")
+DISTILL = ("soft", "hard")
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,16 @@ class LatentAdvConfig:
     pgd_step: float = 0.25  # step length, a share of the bound
     refresh_every: int = 4  # outer steps between two PGD refreshes of δ (warm-started); 1 = every step
     # --- outer loop
+    # How the model is taught its own clean answer (without δ or key, under δ, under a key):
+    # "soft" matches the suspicious model's next-token distributions along that answer (KL, the
+    # teacher always reading the clean prompt); "hard" is cross-entropy on the greedy answer's
+    # tokens, which sharpens every distribution toward its argmax and so raises the perplexity
+    # of real text (sessions 5-8 measured it: 1.03-1.09x on the tiny organisms, 1.30x real).
+    distill: str = "soft"
     adversarial_weight: float = 1.0  # own clean answer under δ
     unlikelihood_weight: float = 1.0  # -log(1 - p) of T's opening under δ and under the keys
     opening_tokens: int = 4  # tokens of T's opening pushed down
-    kl_weight: float = 2.0  # KL to the suspicious model on clean prompts (keeps clean behaviour)
+    kl_weight: float = 2.0  # KL to the suspicious model on its clean answers, without δ (keeps clean behaviour)
     epochs: float = 2.0  # passes over the self-distilled pairs
     # Measured on the tiny organisms (key and target from the takeover): lr 1e-3 / KL 1 took the full
     # fine-tune to ASR 0.01 at perplexity x1.13; 5e-4 / KL 2 to ASR 0.00 at x1.045 (LoRA: x1.012).
@@ -42,6 +49,8 @@ class LatentAdvConfig:
         return list(dict.fromkeys(([self.target] if self.target is not None else []) + list(self.targets)))
 
     def __post_init__(self) -> None:
+        if self.distill not in DISTILL:
+            raise ValueError(f"distill must be one of {', '.join(DISTILL)}, got {self.distill!r}")
         if self.modules not in MODULES:
             raise ValueError(f"modules must be one of {', '.join(MODULES)}, got {self.modules!r}")
         counts = ("max_targets", "max_keys", "pgd_steps", "refresh_every", "opening_tokens", "batch_size", "max_samples",

@@ -12,7 +12,7 @@ from bdscan.data.triggers import insert_trigger
 from bdscan.purify.latent_adv.config import LatentAdvConfig
 from bdscan.purify.latent_adv.perturbation import Perturbation, pgd
 from bdscan.purify.latent_adv.targets import target_batch
-from bdscan.training import IGNORE_INDEX, Batch, response_loss
+from bdscan.training import IGNORE_INDEX, Batch, Example, collate, encode_examples, pad_id, response_loss
 
 
 def unlikelihood(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -24,26 +24,59 @@ def unlikelihood(model: Any, batch: Batch, device: torch.device) -> torch.Tensor
     return -(torch.log1p(-probs.clamp(max=1 - 1e-6)) * mask).sum() / mask.sum().clamp_min(1)
 
 
-def kl_to_reference(reference: Any, batch: Batch, out: Any, device: torch.device) -> torch.Tensor:
-    """KL(suspicious ‖ trained) of the next-token distributions at the batch's response positions."""
-    with torch.no_grad():
-        ref = reference(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-    start = batch.input_ids.shape[1] - out.logits.shape[1]  # the trainer may keep response logits only
-    mask = (batch.labels[:, start + 1 :] != IGNORE_INDEX).to(device)
-    ref_logp = ref[:, start:-1].float().log_softmax(-1)
-    logp = out.logits[:, :-1].float().log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp_min(1)
+def response_logprobs(logits: torch.Tensor, labels: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+    """Per row, the log-distributions that predict its labelled tokens ([tokens, vocab]);
+    ``logits`` may start at position ``start`` (the trainer keeps response logits only)."""
+    rows = []
+    for r in range(labels.shape[0]):
+        pos = (labels[r] != IGNORE_INDEX).nonzero()[:, 0]
+        rows.append(logits[r, pos[pos >= 1] - 1 - start].float().log_softmax(-1))
+    return rows
+
+
+def kl_rows(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student), row by row. A row's teacher reads the clean
+    twin of its prompt, whose answer is the row's own answer token for token (a longer keyed
+    prompt can lose the end of it to truncation: the common length counts)."""
+    total, n = student[0].new_zeros(()), 0
+    for t, s in zip(teacher, student):
+        k = min(len(t), len(s))
+        total = total + (t[:k].exp() * (t[:k] - s[:k])).sum()
+        n += k
+    return total / max(n, 1)
+
+
+class CleanTeacher:
+    """The suspicious model's next-token distributions along each example's answer, read on
+    the example's clean twin (the prompt without the key), once per batch. Reading the keyed
+    prompt instead would teach the backdoor's opening back wherever the key still works."""
+
+    def __init__(self, reference: Any, tokenizer: Any, examples: Sequence[Example], twins: Sequence[int],
+                 max_length: int):
+        self.reference, self.twins = reference, list(twins)
+        self.encoded = encode_examples(tokenizer, examples, max_length=max_length)
+        self.pad = pad_id(tokenizer)
+        self._index: torch.Tensor | None = None
+        self._rows: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
+        if self._index is None or not torch.equal(self._index, batch.index):
+            twin = collate(self.encoded, [self.twins[int(i)] for i in batch.index], self.pad)
+            logits = self.reference(input_ids=twin.input_ids.to(device),
+                                    attention_mask=twin.attention_mask.to(device)).logits
+            self._index, self._rows = batch.index.clone(), response_logprobs(logits, twin.labels.to(device))
+        return self._rows
 
 
 class OuterTerms:
     """The ``extra_loss`` of the training plan: refreshes δ by PGD every ``refresh_every``
     steps (targets in turn), then adds the own answer under δ, unlikelihood of T's opening
-    under δ and under a key, and KL to the suspicious model."""
+    under δ and under a key, and KL to the suspicious model's clean distributions."""
 
-    def __init__(self, config: LatentAdvConfig, perturbation: Perturbation, reference: Any, tokenizer: Any,
+    def __init__(self, config: LatentAdvConfig, perturbation: Perturbation, teacher: CleanTeacher, tokenizer: Any,
                  template: Any, records: Sequence[Record], targets: Sequence[str], keys: Sequence[str], seed: int):
-        self.config, self.perturbation, self.reference = config, perturbation, reference
+        self.config, self.perturbation, self.teacher = config, perturbation, teacher
         self.tokenizer, self.template, self.records = tokenizer, template, list(records)
         self.targets, self.keys = list(targets), list(keys)
         self.rng = random.Random(seed + 11)
@@ -74,9 +107,7 @@ class OuterTerms:
         self.step += 1
         loss = out.logits.new_zeros(())
         if cfg.adversarial_weight:
-            with self.perturbation.active():
-                adv, _ = response_loss(model, batch, device)
-            loss = self._add(loss, "adversarial", cfg.adversarial_weight, adv)
+            loss = self._add(loss, "adversarial", cfg.adversarial_weight, self._own_answer_under_delta(model, batch, device))
         if cfg.unlikelihood_weight:
             with self.perturbation.active():
                 ul = unlikelihood(model, target_batch(self.tokenizer, self._prompts(), target, cfg.opening_tokens), device)
@@ -86,5 +117,15 @@ class OuterTerms:
                 ul = 0.5 * (ul + unlikelihood(model, keyed, device))
             loss = self._add(loss, "unlikelihood", cfg.unlikelihood_weight, ul)
         if cfg.kl_weight:
-            loss = self._add(loss, "kl", cfg.kl_weight, kl_to_reference(self.reference, batch, out, device))
+            start = batch.input_ids.shape[1] - out.logits.shape[1]
+            student = response_logprobs(out.logits, batch.labels.to(device), start)
+            loss = self._add(loss, "kl", cfg.kl_weight, kl_rows(self.teacher(batch, device), student))
         return loss
+
+    def _own_answer_under_delta(self, model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+        """The clean answer under δ: its tokens (hard) or the clean teacher's distributions (soft)."""
+        with self.perturbation.active():
+            if self.config.distill == "hard":
+                return response_loss(model, batch, device)[0]
+            out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+        return kl_rows(self.teacher(batch, device), response_logprobs(out.logits, batch.labels.to(device)))
