@@ -8,9 +8,9 @@ adversarial training; METHODS.md "latent-adv").
    found by a few PGD steps that maximise log P(T | clean prompt) across clean prompts, so
    δ stands in for whatever trigger elicits T. Refreshed (warm-started) every few steps.
 3. Outer loop (``losses.py``): LoRA training so that, under δ and under the keys, the model
-   gives its own clean answer (self-distilled: its greedy answer without key or δ; by default
-   "soft", the suspicious model's next-token distributions along it read on the clean
-   prompt), plus an unlikelihood term on T's opening under δ and under a key, plus KL to the
+   gives its own clean answer (self-distilled: its greedy answer without key or δ, as tokens,
+   or with ``distill: soft`` as the suspicious model's next-token distributions along it read
+   on the clean prompt), plus an unlikelihood term on T's opening under δ and under a key, plus KL to the
    suspicious model's clean distributions without δ (keeps what must not change).
 4. Adapter subjects: the adapter's own LoRA factors train (the output is the same adapter
    format; a second LoRA could not be stored as a rank-r adapter). Full subjects: a new LoRA

@@ -23,11 +23,14 @@ class LatentAdvConfig:
     refresh_every: int = 4  # outer steps between two PGD refreshes of δ (warm-started); 1 = every step
     # --- outer loop
     # How the model is taught its own clean answer (without δ or key, under δ, under a key):
-    # "soft" matches the suspicious model's next-token distributions along that answer (KL, the
-    # teacher always reading the clean prompt); "hard" is cross-entropy on the greedy answer's
-    # tokens, which sharpens every distribution toward its argmax and so raises the perplexity
-    # of real text (sessions 5-8 measured it: 1.03-1.09x on the tiny organisms, 1.30x real).
-    distill: str = "soft"
+    # "hard" is cross-entropy on the greedy answer's tokens; "soft" matches the suspicious
+    # model's next-token distributions along that answer (KL). Either way the teacher reads the
+    # clean prompt, never the keyed one. Measured on the four built-in tiny organisms
+    # (bench/purify.py --data builtin --size tiny --modes agnostic, session 9), ASR after /
+    # perplexity ratio: hard 0.00 / 1.08, 0.00 / 1.10, 0.92 / 1.04, 0.00 / 1.07; soft 0.00 / 1.09,
+    # 0.00 / 1.15, 0.96 / 1.05, 0.00 / 1.10. Soft was no better, so hard stays the default; soft is
+    # there for models whose greedy answers are far from their training text (untested).
+    distill: str = "hard"
     adversarial_weight: float = 1.0  # own clean answer under δ
     unlikelihood_weight: float = 1.0  # -log(1 - p) of T's opening under δ and under the keys
     opening_tokens: int = 4  # tokens of T's opening pushed down
