@@ -158,6 +158,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-invert", action="store_true", help="v1 only (takeover), for the cost comparison")
     parser.add_argument("--answer-anchor", action="store_true", help="also invert after clean answers (its cost)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fresh", action="store_true",
+                        help="rescan every organism (default: reuse the rows a previous run saved next to --out)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect.json"))
     return parser.parse_args()
 
@@ -195,6 +197,37 @@ def stability(subject, config, seeds: int) -> dict:
             "probabilities": [round(r.summary.probability, 4) for r in runs],
             "severities": [r.summary.severity for r in runs],
             "keys": [r.summary.recovered_key for r in runs]}
+
+
+def rows_file(out: str) -> Path:
+    return Path(out).with_suffix(".rows.jsonl")
+
+
+def finished_rows(args) -> dict[str, dict]:
+    """Rows a previous run of this benchmark finished, by organism key (``--fresh``: none,
+    and the rows file starts over)."""
+    path = rows_file(args.out)
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["organism_key"]: r for r in rows if "organism_key" in r}
+
+
+def scan_saved(recipe, config, args, console, done: dict[str, dict]) -> dict:
+    """``scan_row``, or the row a previous run saved for this organism; each new row is
+    appended to the rows file as soon as it is measured."""
+    key = f"{recipe.key()}:{config.seed}"
+    if key in done:
+        console.print(f"[dim]{recipe.label}: row from {rows_file(args.out)}[/]")
+        return done[key]
+    row = {**scan_row(recipe, config, args, console), "organism_key": key}
+    path = rows_file(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+    return row
 
 
 def scan_row(recipe, config, args, console) -> dict:
@@ -359,12 +392,14 @@ def main() -> int:
     config = DetectConfig(probes=probes, invert=not args.no_invert, answer_anchor=args.answer_anchor)
     if sum(not r.backdoored for r in reported) < 8:
         console.print("[yellow]fewer than 8 clean controls in the reported set: raise --control-seeds or --archs[/]")
-    calib_rows = [scan_row(r, config, args, console) for r in calibration_set]
+    done = finished_rows(args)
     if args.calibration_only:
-        rows = calib_rows
-        print_calibration(calib_rows, args.out)
+        print_calibration([scan_saved(r, config, args, console, done) for r in calibration_set], args.out)
         return 0
-    rows = [scan_row(r, config, args, console) for r in reported]
+    # Reported organisms first: a run stopped part-way has kept every row it finished (rows
+    # file), and a rerun with the same arguments scans only what is missing.
+    rows = [scan_saved(r, config, args, console, done) for r in reported]
+    calib_rows = [scan_saved(r, config, args, console, done) for r in calibration_set]
     summary = summarise(args, rows, calib_rows)
     print_report(summary, rows)
     path = Path(args.out)
