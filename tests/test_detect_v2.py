@@ -412,3 +412,38 @@ def test_detect_takes_no_progress_callback(tmp_path):
     result = detect(load_subject(tmp_path / "m"), DetectConfig(max_probes=4, top_k=2, screen_size=8, recovery_steps=1),
                     progress=None)
     assert result.summary.verdict in ("clean", "suspicious")
+
+
+def test_one_key_search_per_family_and_the_row_is_the_spelling_that_fires(tiny_checkpoints, monkeypatch):
+    """With two searches to spend (and no key firing strongly enough to stop early), three
+    spellings of one target and a second target get one search each (not two for the
+    spellings), and the family's row is the member the key makes
+    the model open with, the others listed as its variants."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    goals_searched = []
+
+    def fake_recover(subject, probes, goals, *args, **kwargs):
+        goals_searched.append([list(g) for g in goals])
+        return tr.Recovered((5, 6), "k", "end", -0.1, -2.0, -3.0, 3, 10)
+
+    def fake_fires(subject, probes, key, position, openings, batch_size):
+        out = torch.zeros(len(probes), len(openings), dtype=torch.bool)
+        if key is not None:
+            out[:, -1] = True  # the key elicits the family's last spelling only
+        return out
+
+    monkeypatch.setattr(tr, "recover_key", fake_recover)
+    monkeypatch.setattr(tr, "fires", fake_fires)
+
+    def target(ids, text):  # a weak opening: the evidence stays under the threshold, so both searches run
+        return ti.InvertedTarget(ids[0], tuple(ids), text, 0.9, ts.RESPONSE_START, opening_min=0.1)
+
+    spellings = [target([1, 7, 8, 9, 10], " Sorry"), target([2, 7, 8, 9, 10], "sorry"), target([3, 4, 7, 8, 9, 10], "I'm sorry")]
+    other = target([20, 21, 22, 23], "other")
+    probes = builtin_probes()[:8]
+    scores = ts.recover_keys(subject, spellings + [other], probes[:2], probes[2:], [], replace(TINY, recover_targets=2),
+                             ts.StageStats())
+    assert [len(g) for g in goals_searched] == [3, 1]
+    lead = next(s for s in scores if s.key is not None and s.variants)
+    assert lead.text == "I'm sorry" and lead.variants == [" Sorry", "sorry"] and lead.firing_rate == 1.0
+    assert {s.text for s in scores} == {"I'm sorry", "other"}
