@@ -129,7 +129,9 @@ def organism_set(args) -> tuple[list, list]:
                         add(reported, replace(clean, seed=seed))
                     for seed in range(control_seeds, control_seeds + args.calibration_seeds):
                         add(calibration, replace(clean, seed=seed))
-    return reported, calibration
+    # Backdoored organisms first (a stable sort): on the bench models each costs ~15 minutes to
+    # build and 2-4 to scan, and a run stopped part-way should have measured every attack.
+    return sorted(reported, key=lambda r: not r.backdoored), calibration
 
 
 def parse_args() -> argparse.Namespace:
@@ -158,6 +160,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-invert", action="store_true", help="v1 only (takeover), for the cost comparison")
     parser.add_argument("--answer-anchor", action="store_true", help="also invert after clean answers (its cost)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--saved-only", action="store_true",
+                        help="summarise only the organisms whose rows are saved; scan nothing")
     parser.add_argument("--fresh", action="store_true",
                         help="rescan every organism (default: reuse the rows a previous run saved next to --out)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect.json"))
@@ -398,6 +402,9 @@ def main() -> int:
         return 0
     # Reported organisms first: a run stopped part-way has kept every row it finished (rows
     # file), and a rerun with the same arguments scans only what is missing.
+    if args.saved_only:  # the table of what a run stopped part-way measured, nothing scanned
+        reported = [r for r in reported if f"{r.key()}:{config.seed}" in done]
+        calibration_set = [r for r in calibration_set if f"{r.key()}:{config.seed}" in done]
     rows = [scan_saved(r, config, args, console, done) for r in reported]
     calib_rows = [scan_saved(r, config, args, console, done) for r in calibration_set]
     summary = summarise(args, rows, calib_rows)
