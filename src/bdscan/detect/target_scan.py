@@ -182,8 +182,9 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
                  held_out: Sequence[Record], seeds: Sequence[str], config: DetectConfig, stats: StageStats,
                  tick: Tick | None = None) -> list[TargetScore]:
     """A key for each of the best ``recover_targets`` families of response-start targets (one
-    search credits any member's opening), measured on held-out probes. Each target keeps its row;
-    a searched family's row is the member its key fires most, with the others as variants."""
+    search credits any member's opening), measured on held-out probes. A searched family becomes
+    one row, the member its key elicits most, with the others as its variants; the targets of a
+    family that got no search keep a row each."""
     allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
     settings = tr.SearchSettings(config.key_tokens, config.recovery_steps, config.recovery_top_k, config.recovery_batch,
                                  coarse_probes=config.recovery_coarse_probes, refine=config.recovery_refine)
