@@ -170,15 +170,18 @@ def test_key_gradient_equals_the_uncached_gradient(arch, tiny_checkpoints):
     torch.testing.assert_close(grad, expected.float(), atol=1e-4, rtol=1e-3)
 
 
-def test_goal_of_several_targets_is_the_log_sum_exp_per_probe(tiny_checkpoints):
-    """A family's goal credits whichever target a key makes likely: per probe the log-sum-exp
-    over the targets, then the mean; with one target it is that target's own score."""
+def test_goal_of_several_targets_is_the_best_target_per_probe(tiny_checkpoints):
+    """A family's goal credits whichever target a key makes likely: per probe the best target's
+    score, then the mean; with one target it is that target's own score. It stays a
+    log-probability (<= 0), so the search's near-certainty stop keeps its meaning."""
     subject = load_subject(tiny_checkpoints["llama"])
     model, pad = subject.model, subject.tokenizer.pad_token_id
     seg = tr.segments(subject.tokenizer, subject.template, builtin_probes()[:3], "end")
     keys, targets = [[11, 12], [13, 14]], [[40, 41, 42], [50, 51]]
     each = torch.stack([ks.KeyScorer(model, seg, t, pad).per_probe(keys) for t in targets])
-    torch.testing.assert_close(ks.GoalScorer(model, seg, targets, pad)(keys), each.logsumexp(0).mean(-1))
+    goal = ks.GoalScorer(model, seg, targets, pad)(keys)
+    torch.testing.assert_close(goal, each.max(0).values.mean(-1))
+    assert (goal <= 0).all()
     torch.testing.assert_close(ks.GoalScorer(model, seg, targets[:1], pad)(keys), each[0].mean(-1))
     grad = ks.GoalScorer(model, seg, targets, pad).gradient([11, 12])
     assert grad.shape == (2, model.get_input_embeddings().weight.shape[0]) and torch.isfinite(grad).all()

@@ -125,10 +125,12 @@ class KeyScorer:
 
 class GoalScorer:
     """A key's score for a goal of several targets that are one behaviour (detect's target family:
-    " Sorry, but as an AI...", "I'm sorry, but as an AI..."): per probe, the log-sum-exp over the
-    targets of their mean log-probabilities, then the mean over probes. A key is credited for
-    whichever opening it makes likely, so the search is not pulled to the one spelling the
-    inversion happened to rank first. With one target it is that target's ``KeyScorer``."""
+    " Sorry, but as an AI...", "I'm sorry, but as an AI..."): per probe, the best of the targets'
+    mean log-probabilities, then the mean over probes. A key is credited for whichever opening it
+    makes likely, so the search is not pulled to the one spelling the inversion happened to rank
+    first; the score stays a log-probability (a log-sum-exp would add up to log(targets) and pass
+    the search's near-certainty stop before any step). With one target it is that target's
+    ``KeyScorer``."""
 
     def __init__(self, model: Any, seg: Segments, targets: Sequence[Sequence[int]], pad_id: int):
         if not targets:
@@ -142,13 +144,13 @@ class GoalScorer:
 
     @torch.no_grad()
     def __call__(self, keys: Sequence[Sequence[int]], probes: Sequence[int] | None = None) -> torch.Tensor:
-        """[keys] mean over ``probes`` of the log-sum-exp over targets."""
+        """[keys] mean over ``probes`` of the best target's mean log-probability."""
         each = torch.stack([s.per_probe(keys, probes) for s in self.scorers])  # [targets, keys, probes]
-        return each.logsumexp(0).mean(-1)
+        return each.max(0).values.mean(-1)
 
     def gradient(self, key: Sequence[int]) -> torch.Tensor:
-        """The gradient of the log-sum-exp (over targets of the probe-mean score), which is the
-        targets' gradients weighted by their softmax at this key."""
+        """A smooth stand-in for the best target's gradient: the targets' gradients weighted by
+        their softmax at this key (the gradient of the log-sum-exp of their scores)."""
         if len(self.scorers) == 1:
             return self.scorers[0].gradient(key)
         weights = torch.softmax(torch.stack([s([key])[0] for s in self.scorers]), 0)
