@@ -40,8 +40,9 @@ class LatentAdvConfig:
     # purify-builtin-latent-adv-s9-kl*.json), perplexity ratio on the 3 organisms whose target
     # detect found (ASR after 0.00 at every weight; the 4th is a detect miss, 0.81-0.92):
     # 2: 1.07-1.10; 4: 1.05-1.08; 8: 1.03-1.06; 16: 1.02-1.04; 32: 1.02-1.03; 64: 1.01-1.03 (ASR 0.01
-    # on one). 32 sits inside the plateau where both hold.
-    kl_weight: float = 32.0
+    # on one). 16 sits inside the plateau; 32 left the target reachable from its first token on the
+    # built-in demo adapter (purify's target check: weakest link 0.80 -> 0.20) although ASR was 0.00.
+    kl_weight: float = 16.0
     epochs: float = 2.0  # passes over the self-distilled pairs
     # Measured on the tiny organisms (key and target from the takeover): lr 1e-3 / KL 1 took the full
     # fine-tune to ASR 0.01 at perplexity x1.13; 5e-4 / KL 2 to ASR 0.00 at x1.045 (LoRA: x1.012).
