@@ -201,6 +201,68 @@ def test_targets_sharing_a_run_of_tokens_are_one_family():
     assert ts.families([sorry, lower], overlap=5) == [[sorry], [lower]]
 
 
+def test_a_target_led_by_one_token_joins_its_family():
+    """A short target (no run of ``overlap`` tokens) and its led variant are one family; a target
+    that merely contains it elsewhere is not."""
+    def target(ids):
+        return ti.InvertedTarget(ids[0], tuple(ids), str(ids), 0.9, ts.RESPONSE_START)
+
+    short, led, elsewhere = target([7, 8, 9]), target([3, 7, 8, 9]), target([4, 5, 7, 8, 9])
+    assert ts.families([short, led, elsewhere], overlap=4) == [[short, led], [elsewhere]]
+
+
+def test_next_token_probs_equal_a_plain_forward(tiny_checkpoints):
+    """The one-step distribution after each appended token is the probes' mean of a plain forward."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    prefixes = _prefixes(subject, 3)
+    run = ti.run_prefixes(subject.model, prefixes, subject.tokenizer.pad_token_id)
+    tokens = torch.tensor([7, 42, 99])
+    probs = ti.next_token_probs(subject.model, run, tokens, chunk=2)
+    with torch.no_grad():
+        plain = torch.stack([torch.stack([torch.softmax(subject.model(input_ids=torch.tensor([p + [int(t)]])).logits[0, -1], -1)
+                                          for p in prefixes]).mean(0) for t in tokens])
+    torch.testing.assert_close(probs, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_a_mid_word_target_gets_the_variant_led_by_its_likeliest_opener(tiny_checkpoints):
+    """A target whose first token the subject would say after an opener ``b`` gets ``b + target``
+    right after it; a weaker lead than ``leader_min_prob``, or a variant already present, adds none."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    warm = _prefixes(subject, 2)
+    run = ti.run_prefixes(subject.model, warm, subject.tokenizer.pad_token_id)
+    allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
+    openers = allowed[torch.softmax(run.last_logits, -1).mean(0)[allowed].argsort(descending=True)[:16]]
+    after = ti.next_token_probs(subject.model, run, openers, chunk=8)
+    row, first = divmod(int(after.argmax()), after.shape[1])  # the most certain (opener, next token) pair
+    p = float(after[row, first])
+    t = ti.InvertedTarget(first, (first, 11, 12), "t", 0.9, ts.RESPONSE_START, 0.5)
+    config = replace(TINY, leader_openers=16, leader_min_prob=p * 0.99)
+    out = ts.with_leaders(subject, [t], warm, config, ts.StageStats())
+    lead = int(after[:, first].argmax())
+    assert out[0] == t and out[1].token_ids == (int(openers[lead]), first, 11, 12)
+    assert out[1].first_token == int(openers[lead]) and out[1].opening_min == t.opening_min
+    assert ts.with_leaders(subject, [t], warm, replace(config, leader_min_prob=min(1.0, p * 1.01 + 1e-6)),
+                           ts.StageStats()) == [t]
+    assert ts.with_leaders(subject, out, warm, config, ts.StageStats()) == out  # present already
+    assert ts.with_leaders(subject, [t], warm, replace(config, leader_openers=0), ts.StageStats()) == [t]
+
+
+def test_key_firing_is_read_where_it_fires_most(monkeypatch):
+    """The reported position is the one the key fires most at on the held-out probes; a tie keeps
+    the search's own position."""
+    rates = {"start": 0.9, "middle": 0.1, "end": 0.1}
+
+    def fake_fires(subject, probes, key, position, openings, batch_size):
+        return (torch.arange(10) < rates[position] * 10)[:, None]
+
+    monkeypatch.setattr(tr, "fires", fake_fires)
+    found = tr.Recovered((1, 2), "k", "middle", -0.1, -1.0, -2.0, 3, 10)
+    moved, fire = ts._firing_position(None, [None] * 10, found, [[5]], TINY)
+    assert moved.position == "start" and fire.float().mean() == 0.9 and moved.key == "k"
+    rates.update(start=0.1)
+    assert ts._firing_position(None, [None] * 10, found, [[5]], TINY)[0].position == "middle"
+
+
 def test_firing_is_measured_against_every_opening_in_one_pass(tiny_checkpoints):
     """``fires`` gives one column per opening: the greedy opening itself fires, a wrong one does not."""
     subject = load_subject(tiny_checkpoints["llama"])
@@ -398,6 +460,10 @@ def test_config_rejects_bad_v2_settings():
         replace(TINY, key_tokens=9)
     with pytest.raises(UsageError):
         replace(TINY, warmup_steps=0)
+    with pytest.raises(UsageError):
+        replace(TINY, leader_min_prob=0.0)
+    with pytest.raises(UsageError):
+        replace(TINY, leader_openers=-1)
 
 
 def test_detect_takes_no_progress_callback(tmp_path):

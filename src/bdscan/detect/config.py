@@ -57,6 +57,14 @@ class DetectConfig:
     answer_anchor: bool = False  # also invert after the model's own clean answers (appended targets)
     answer_tokens: int = 16  # length of those clean answers
     inversion_chunk: int = 128  # candidates per expanded cache
+    # A target can surface mid-word: on the bench's full refusal fine-tunes the inversion found
+    # "'m sorry, but as an AI..." and never "I'm sorry...", and no key can make a response *open*
+    # with "'m". Each of the best ``leader_targets`` targets gets a variant led by the opener
+    # (one of the subject's ``leader_openers`` likeliest response-start tokens) after which its
+    # first token is likeliest, when that probability reaches ``leader_min_prob`` (0 openers: off).
+    leader_openers: int = 256
+    leader_min_prob: float = 0.3
+    leader_targets: int = 8
     # -- v2: trigger recovery (step 2) ---------------------------------------------------------
     recover_targets: int = 2  # target families (best first) a key is searched for
     # Targets sharing a run of this many tokens are one family: one search, any member's opening counts.
@@ -94,8 +102,11 @@ class DetectConfig:
             raise UsageError(f"detect: sieve stages are (steps, keep) pairs of positive integers, got {self.sieve}")
         if not 1 <= self.key_tokens <= 8:
             raise UsageError(f"detect: key_tokens must be 1 to 8, got {self.key_tokens}")
-        if self.recover_targets < 0 or self.recovery_steps < 0 or self.adapter_first_tokens < 0:
-            raise UsageError("detect: recover_targets, recovery_steps and adapter_first_tokens must not be negative")
+        for name in ("recover_targets", "recovery_steps", "adapter_first_tokens", "leader_openers", "leader_targets"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"detect: {name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 < self.leader_min_prob <= 1.0:
+            raise UsageError(f"detect: leader_min_prob must be in (0, 1], got {self.leader_min_prob}")
         bad = [p for p in self.positions if p not in POSITIONS]
         if bad or not self.positions:
             raise UsageError(f"detect: positions {bad or '(empty)'} not in {', '.join(POSITIONS)}")

@@ -85,10 +85,7 @@ def extend(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, steps: in
     forcing: the averaged probability of a known continuation)."""
     n_probes, n_cand = prefixes.mask.shape[0], len(first_tokens)
     device = _device(model)
-    cache = copy.deepcopy(prefixes.cache)
-    cache.batch_repeat_interleave(n_cand)
-    mask = prefixes.mask.repeat_interleave(n_cand, 0)
-    last = prefixes.last.repeat_interleave(n_cand, 0)
+    cache, mask, last = _expanded(prefixes, n_cand)
     token = first_tokens.to(device).repeat(n_probes)
     chosen, probs, entropies = [], [], []
     for step in range(steps):
@@ -103,6 +100,28 @@ def extend(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, steps: in
         entropies.append(-(p * p.clamp_min(1e-12).log()).sum(-1))
         token = pick.repeat(n_probes)
     return Extension(torch.stack(chosen, 1).cpu(), torch.stack(probs, 1).cpu(), torch.stack(entropies, 1).cpu())
+
+
+def _expanded(prefixes: Prefixes, n_cand: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The prefixes' cache, mask and last positions repeated for ``n_cand`` candidates per probe."""
+    cache = copy.deepcopy(prefixes.cache)
+    cache.batch_repeat_interleave(n_cand)
+    return cache, prefixes.mask.repeat_interleave(n_cand, 0), prefixes.last.repeat_interleave(n_cand, 0)
+
+
+@torch.no_grad()
+def next_token_probs(model: Any, prefixes: Prefixes, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[len(tokens), vocab] probe-averaged next-token distribution after each token is appended
+    to the prefixes (one step of ``extend``, the whole distribution kept)."""
+    n_probes, device, parts = prefixes.mask.shape[0], _device(model), []
+    for start in range(0, len(tokens), chunk):
+        part = tokens[start : start + chunk].to(device)
+        cache, mask, last = _expanded(prefixes, len(part))
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        out = model(input_ids=part.repeat(n_probes)[:, None], attention_mask=mask, position_ids=(last + 1)[:, None],
+                    cache=cache, use_cache=False, logits_to_keep=1)
+        parts.append(torch.softmax(out.logits[:, -1, :].float(), dim=-1).view(n_probes, len(part), -1).mean(0).cpu())
+    return torch.cat(parts) if parts else torch.zeros((0, 0))
 
 
 def counted_steps(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:

@@ -140,7 +140,41 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
     distinct = torch.tensor([float(len(set(t.token_ids[1:]))) for t in targets])
     q_all = torch.tensor([t.q for t in targets])
     order = _interleaved(q_all * distinct, q_all * distinct / torch.tensor([max(len(t.token_ids) - 1, 1) for t in targets]))
-    return _distinct([targets[i] for i in order.tolist()], config.target_opening)
+    ranked = _distinct([targets[i] for i in order.tolist()], config.target_opening)
+    return with_leaders(subject, ranked, warm, config, stats)
+
+
+def with_leaders(subject: Any, targets: list[ti.InvertedTarget], warm_prefixes: list[list[int]], config: DetectConfig,
+                 stats: StageStats) -> list[ti.InvertedTarget]:
+    """Each of the best ``leader_targets`` targets followed by its led variant, when it has one:
+    ``b + target``, ``b`` the response-start token the subject opens with (one of its
+    ``leader_openers`` likeliest on the warm probes) after which the target's first token is
+    likeliest, if at least ``leader_min_prob``. The inversion sees a target wherever its
+    continuation is certain, which can be mid-word ("'m sorry, but as an AI..."); a trigger
+    makes the subject *open* with it ("I'm sorry..."), and firing and the key search look at the
+    opening. The variant joins the target's family, so it costs no search of its own."""
+    if not config.leader_openers or not config.leader_targets or not targets:
+        return targets
+    model, tok = subject.model, subject.tokenizer
+    prefixes = ti.run_prefixes(model, warm_prefixes, _pad_id(tok))
+    allowed = torch.tensor(ti.first_token_candidates(tok))
+    opening = torch.softmax(prefixes.last_logits, -1).mean(0).cpu()[allowed]
+    openers = allowed[opening.argsort(descending=True)[: config.leader_openers]]
+    after = ti.next_token_probs(model, prefixes, openers, config.inversion_chunk)  # [openers, vocab]
+    stats.add("inversion_rows", len(openers) * len(warm_prefixes))
+    seen = {tuple(t.token_ids[: config.target_opening]) for t in targets}
+    out: list[ti.InvertedTarget] = []
+    for rank, t in enumerate(targets):
+        out.append(t)
+        column = after[:, t.first_token]
+        best = int(column.argmax())
+        ids = (int(openers[best]), *t.token_ids)
+        if rank >= config.leader_targets or float(column[best]) < config.leader_min_prob:
+            continue
+        if ids[: config.target_opening] not in seen:
+            seen.add(ids[: config.target_opening])
+            out.append(replace(t, first_token=ids[0], token_ids=ids, text=tok.decode(list(ids))))
+    return out
 
 
 def _interleaved(content: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
@@ -165,13 +199,19 @@ def families(targets: Sequence[ti.InvertedTarget], overlap: int) -> list[list[ti
     searched one by one they took every key search, and the spelling the trigger produces got none."""
     out: list[list[ti.InvertedTarget]] = []
     for t in targets:
-        runs = _runs(t.token_ids, overlap)
-        home = next((f for f in out if any(runs & _runs(m.token_ids, overlap) for m in f)), None)
+        home = next((f for f in out if any(_related(t.token_ids, m.token_ids, overlap) for m in f)), None)
         if home is None:
             out.append([t])
         else:
             home.append(t)
     return out
+
+
+def _related(a: Sequence[int], b: Sequence[int], overlap: int) -> bool:
+    """Two spellings of one target: a shared run of ``overlap`` tokens, or one the other led by
+    one token (``with_leaders``; a target shorter than ``overlap`` has no run to share)."""
+    short, long = sorted((tuple(a), tuple(b)), key=len)
+    return bool(_runs(a, overlap) & _runs(b, overlap)) or long[1:] == short
 
 
 def _runs(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
@@ -211,16 +251,28 @@ def _family_score(subject: Any, members: list[ti.InvertedTarget], search: Sequen
     goals = [list(t.token_ids[:8]) for t in members]
     found = tr.recover_key(subject, search, goals, seeds, list(config.positions), allowed, settings, seed, tick)
     openings = [g[: config.target_opening] for g in goals]
-    fire = tr.fires(subject, held_out, found.key, found.position, openings, config.batch_size)
+    found, fire = _firing_position(subject, held_out, found, openings, config)
     clean = tr.fires(subject, held_out, None, found.position, openings, config.batch_size)
     base = _base_fires(subject, held_out, found, openings, config) if subject.is_adapter else None
     stats.add("recovery_evaluations", found.evaluations)
     stats.add("recovery_gradients", found.steps)
-    stats.add("firing_prompts", (2 if base is None else 3) * len(held_out))
+    stats.add("firing_prompts", (len(config.positions) + (1 if base is None else 2)) * len(held_out))
     lead = int(fire.sum(0).argmax())  # the spelling the key produces (ties: the best-ranked)
     score = _target_score(subject.tokenizer, members[lead], found, fire.any(-1), clean.any(-1),
                           None if base is None else base.any(-1))
     return replace(score, variants=[t.text for i, t in enumerate(members) if i != lead])
+
+
+def _firing_position(subject: Any, held_out: Sequence[Record], found: tr.Recovered,
+                     openings: Sequence[Sequence[int]], config: DetectConfig) -> tuple[tr.Recovered, torch.Tensor]:
+    """The key's firing at the position where it fires most on the held-out probes (ties: the
+    search's own). The search picks its position on a few probes: on the bench's full
+    refusal/VPI fine-tune its key, searched in the middle, fired on 0.09 there and 0.96 at the
+    start. The best of the positions is a selection, which the clean controls undergo too."""
+    fires = {pos: tr.fires(subject, held_out, found.key, pos, openings, config.batch_size)
+             for pos in dict.fromkeys([found.position, *config.positions])}
+    best = max(fires, key=lambda pos: float(fires[pos].any(-1).float().mean()))
+    return replace(found, position=best), fires[best]
 
 
 def _base_fires(subject: Any, probes: Sequence[Record], found: tr.Recovered, openings: Sequence[Sequence[int]],

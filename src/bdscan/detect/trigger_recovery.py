@@ -31,8 +31,8 @@ _MARK = "\u2063KEY\u2063"  # placeholder split out of the formatted prompt (neve
 class Recovered:
     key_ids: tuple[int, ...]
     key: str  # decoded key text (what the firing rate was measured with)
-    position: str
-    log_prob: float  # mean log P(T | probe with key) per target token, search probes
+    position: str  # where the search put it; detect reports where it fires most (target_scan)
+    log_prob: float  # mean log P(T | probe with key) per target token, search probes, at the search's position
     start_log_prob: float  # the same for the best seed key before the search
     clean_log_prob: float  # the same without any key
     steps: int  # search steps run
