@@ -301,7 +301,9 @@ def summarise(args, rows: list[dict], calib_rows: list[dict]) -> dict:
     max_clean = max((r["probability"] for r in clean), default=float("-inf"))
     ratios = [r["time_ratio"] for r in rows if r["time_ratio"]]
     stable = {r["label"]: r["stability"] for r in rows if "stability" in r}
+    calibrated_flags = _calibrated_flags(rows, calib_rows)
     return {
+        "calibrated_profile": calibrated_flags,
         "data": args.data, "probes": args.probes, "attack": args.attacks if args.data != "builtin" else "builtin",
         "tasks": args.tasks, "size": args.size, "archs": args.archs, "invert": not args.no_invert,
         "answer_anchor": args.answer_anchor,
@@ -326,6 +328,27 @@ def summarise(args, rows: list[dict], calib_rows: list[dict]) -> dict:
         "stage_seconds_median": {k: median([r["timings"].get(k, 0.0) for r in rows])
                                  for k in sorted({k for r in rows for k in r["timings"]})},
     }
+
+
+def _calibrated_flags(rows: list[dict], calib_rows: list[dict]) -> dict | None:
+    """The reported set read with the profile the calibration controls give (what a user gets
+    from `bdscan calibrate` on clean models of the family), beside the shipped constants."""
+    from bdscan.detect.profile import MIN_CONTROLS, from_scores
+
+    if len(calib_rows) < MIN_CONTROLS:
+        return None
+    profile = from_scores([r["score"] for r in calib_rows], [r["target_score"] for r in calib_rows],
+                          "bench calibration controls", controls=tuple(r["label"] for r in calib_rows))
+    flagged = {r["label"]: max(profile.takeover_probability(r["score"]),
+                               profile.target_probability(r["target_score"])) >= 0.5 for r in rows}
+    bd = [r for r in rows if r["backdoored"]]
+    clean = [r for r in rows if not r["backdoored"]]
+    return {"threshold": profile.threshold, "target_threshold": profile.target_threshold,
+            "controls": list(profile.controls),
+            "flagged_backdoored": sum(flagged[r["label"]] for r in bd) / max(len(bd), 1),
+            "flagged_clean": sum(flagged[r["label"]] for r in clean) / max(len(clean), 1),
+            "missed": [r["label"] for r in bd if not flagged[r["label"]]],
+            "false_alarms": [r["label"] for r in clean if flagged[r["label"]]]}
 
 
 def print_report(summary: dict, rows: list[dict]) -> None:
@@ -354,6 +377,11 @@ def print_report(summary: dict, rows: list[dict]) -> None:
     out.print(f"calibration controls: takeover {summary['calibration_scores']} -> threshold {summary['calibrated_threshold']}; "
               f"target evidence {summary['calibration_target_scores']} -> {summary['calibrated_target_threshold']} "
               f"(code: {summary['constants']})")
+    if summary.get("calibrated_profile"):
+        c = summary["calibrated_profile"]
+        out.print(f"with the calibration controls' profile (takeover {c['threshold']:.2f}, target {c['target_threshold']:.3f}): "
+                  f"flagged backdoored {c['flagged_backdoored']:.2f}, clean {c['flagged_clean']:.2f}; "
+                  f"missed {c['missed']}, false alarms {c['false_alarms']}")
     out.print(f"median seconds per stage: {summary['stage_seconds_median']}; detect / plain forward median "
               f"x{summary['time_ratio_median'] or 0:.2f}")
 

@@ -24,6 +24,7 @@ class Invocation:
     judge: str
     seed: int
     eval_limit: int
+    calibration: str | None = None  # --calibration profile file
 
 
 def _cmd(*parts: object) -> str:
@@ -34,12 +35,17 @@ def _base(inv: Invocation) -> tuple[str, ...]:
     return ("--base", inv.base) if inv.base else ()
 
 
+def _calibration(inv: Invocation) -> tuple[str, ...]:
+    return ("--calibration", inv.calibration) if inv.calibration else ()
+
+
 def stage_commands(inv: Invocation, key: str | None, purified: str | None) -> dict[str, str]:
     """Stage name -> command line (a stage that needs a key gets none without one)."""
     seed = ("--seed", inv.seed)
+    detect_options = (*seed, *_calibration(inv))
     commands = {
         "file safety": f"sha256sum {shlex.quote(inv.source)}/*",
-        "detect": _cmd("bdscan", "detect", inv.source, *_base(inv), *seed, "-o", "detect.json"),
+        "detect": _cmd("bdscan", "detect", inv.source, *_base(inv), *detect_options, "-o", "detect.json"),
         "localize": _cmd("bdscan", "localize", inv.source, *_base(inv), "--from-detect", "detect.json", "--clean",
                          inv.clean, *seed, "-o", "localize.json"),
         "purify": _cmd("bdscan", "purify", inv.source, *_base(inv), "--method", inv.method, "--localization",
@@ -52,7 +58,7 @@ def stage_commands(inv: Invocation, key: str | None, purified: str | None) -> di
         commands["eval (before)"] = _cmd(*evaluate)
         commands["eval (after)"] = _cmd(*evaluate, "--compare", purified or "purified",
                                         *(("--compare-base", inv.base) if inv.base else ()))
-    commands["detect (purified)"] = _cmd("bdscan", "detect", purified or "purified", *_base(inv), *seed)
+    commands["detect (purified)"] = _cmd("bdscan", "detect", purified or "purified", *_base(inv), *detect_options)
     return commands
 
 
@@ -61,4 +67,4 @@ def audit_command(inv: Invocation, *, fail_on: str, max_asr: float, purify: bool
     held_out = ("--eval-clean", inv.eval_clean) if inv.eval_clean != inv.clean else ()
     return _cmd("bdscan", "audit", inv.source, *_base(inv), "--clean", inv.clean, *held_out, "-o", inv.outdir, "--method",
                 inv.method, "--fail-on", fail_on, "--max-asr", max_asr, "--judge", judge, "--eval-limit",
-                inv.eval_limit, "--seed", inv.seed, "--no-purify" if not purify else None)
+                inv.eval_limit, "--seed", inv.seed, *_calibration(inv), "--no-purify" if not purify else None)

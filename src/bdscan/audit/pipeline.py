@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +22,7 @@ from bdscan.audit.keys import auto_judge, candidate_keys, detect_extras
 from bdscan.audit.stages import StageRunner
 from bdscan.audit.verdict import EXIT_CODES, MIN_ASR_BEFORE, decide, is_suspicious
 from bdscan.data.records import Record
+from bdscan.detect.profile import Profile
 from bdscan.errors import UsageError
 from bdscan.results.audit import AuditResult, ScannedModel
 
@@ -48,6 +49,8 @@ class AuditConfig:
     seed: int = 0
     placement: Any = None  # runtime.Placement (--device/--dtype); None: the default placement
     gguf_file: str | None = None  # which GGUF file, when the source holds several
+    calibration: Profile = field(default_factory=Profile)  # detect's verdict thresholds (detect/profile.py)
+    calibration_file: str | None = None  # where that profile was read from (for the stage commands)
 
     def __post_init__(self) -> None:
         from bdscan.purify import PURIFIERS
@@ -112,7 +115,8 @@ def prepare(source: str, *, clean: Path, out: Path, base: str | None, config: Au
     judge = config.judge if config.judge != "auto" else "refusal"
     invocation = Invocation(source=source, base=base or (subject.base.source if subject.base else None),
                             clean=str(clean), eval_clean=str(eval_clean or clean), outdir=str(out),
-                            method=config.method, judge=judge, seed=config.seed, eval_limit=config.eval_limit)
+                            method=config.method, judge=judge, seed=config.seed, eval_limit=config.eval_limit,
+                            calibration=config.calibration_file)
     return Prepared(subject, records, list(eval_records[: config.eval_limit]), target, inputs, invocation)
 
 
@@ -129,10 +133,11 @@ def _eval_summary(result) -> str:
         ("n/a" if result.perplexity is None else f"{result.perplexity:.2f}")
 
 
-def _run_detect(runner: StageRunner, subject, seed: int, name: str, command: str | None):
+def _run_detect(runner: StageRunner, subject, config: AuditConfig, name: str, command: str | None):
     from bdscan.detect import DetectConfig, detect
 
-    return runner.run(name, lambda: detect(subject, DetectConfig(seed=seed), runner.log, runner.progress),
+    detect_config = DetectConfig(seed=config.seed, calibration=config.calibration)
+    return runner.run(name, lambda: detect(subject, detect_config, runner.log, runner.progress),
                       _detect_summary, command)
 
 
@@ -215,7 +220,7 @@ def _repair(runner: StageRunner, prep: Prepared, config: AuditConfig, r: StageRe
     if after is not None:
         r.eval_after = dataclasses.replace(after[0], source=f"{prep.subject.source.source} (purified: {config.method})",
                                            reference=prep.subject.source.source)
-    r.detect_after = _run_detect(runner, purified, config.seed, "detect (purified)", commands["detect (purified)"])
+    r.detect_after = _run_detect(runner, purified, config, "detect (purified)", commands["detect (purified)"])
 
 
 def run_stages(prep: Prepared, config: AuditConfig, runner: StageRunner) -> StageResults:
@@ -223,7 +228,7 @@ def run_stages(prep: Prepared, config: AuditConfig, runner: StageRunner) -> Stag
     commands = stage_commands(prep.invocation, None, None)
     r.files = runner.run("file safety", lambda: file_safety(prep.subject.source, prep.subject.base, runner.progress),
                          _files_summary, commands["file safety"])
-    r.detect = _run_detect(runner, prep.subject, config.seed, "detect", commands["detect"])
+    r.detect = _run_detect(runner, prep.subject, config, "detect", commands["detect"])
     if r.detect is None:
         runner.skip_rest("detect failed: the model could not be judged")
     elif not is_suspicious(r.detect, config.fail_on):

@@ -71,13 +71,14 @@ def root(
 
 
 def _register() -> None:
-    from bdscan.cli import audit, demo, detect, eval as eval_cmd, localize, purify, report
+    from bdscan.cli import audit, calibrate, demo, detect, eval as eval_cmd, localize, purify, report
 
     app.command("detect", help=detect.HELP, no_args_is_help=True)(detect.command)
     app.command("localize", help=localize.HELP, no_args_is_help=True)(localize.command)
     app.command("purify", help=purify.HELP, no_args_is_help=True)(purify.command)
     app.command("eval", help=eval_cmd.HELP, no_args_is_help=True)(eval_cmd.command)
     app.command("audit", help=audit.HELP, no_args_is_help=True)(audit.command)
+    app.command("calibrate", help=calibrate.HELP, no_args_is_help=True)(calibrate.command)
     app.command("report", help=report.HELP, no_args_is_help=True)(report.command)
     app.command("demo", help=demo.HELP)(demo.command)
 

@@ -36,6 +36,7 @@ def command(
     eval_clean: Annotated[Optional[Path], typer.Option("--eval-clean", help="Held-out clean prompts for the evaluations (default: the --clean set, which the repair also learns from: optimistic).")] = None,
     base: Base = None,
     gguf_file: GGUFFile = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration profile for detect's verdict (`bdscan calibrate`); default: the shipped thresholds.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Purification method (default kfac-lora; see `bdscan purify --list-methods`).")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Lowest detect severity treated as suspicious (and repaired): low | medium | high.")] = "low",
     no_purify: Annotated[bool, typer.Option("--no-purify", help="Stop after localize and the first evaluation (exit 1 when suspicious).")] = False,
@@ -55,11 +56,13 @@ def command(
     import json
 
     from bdscan.audit import DEFAULT_METHOD, AuditConfig, audit
+    from bdscan.detect.profile import Profile, load_profile
     from bdscan.report.audit_console import render_audit
 
     config = AuditConfig(method=method or DEFAULT_METHOD, fail_on=fail_on, purify=not no_purify, max_asr=max_asr,
                          judge=judge, eval_limit=eval_limit, seed=seed, placement=placement_of(device, dtype),
-                         gguf_file=gguf_file)
+                         gguf_file=gguf_file, calibration=load_profile(calibration) if calibration else Profile(),
+                         calibration_file=str(calibration) if calibration else None)
     console = fmt == "console"
     with progress_bar(console) as progress:
         result = audit(source, clean=clean, out=output, base=base, config=config, eval_clean=eval_clean, overwrite=overwrite,

@@ -103,6 +103,7 @@ def command(
     invert: Annotated[bool, typer.Option("--invert/--no-invert", help="Run target inversion and trigger recovery (detect v2).")] = True,
     key_tokens: Annotated[int, typer.Option("--key-tokens", min=1, max=8, help="Tokens in a recovered key.")] = 6,
     recovery_steps: Annotated[int, typer.Option("--recovery-steps", min=0, help="Steps of the key search per target (its cost grows linearly).")] = 30,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration profile (`bdscan calibrate`) to read the verdict with; default: the shipped thresholds.")] = None,
     answer_anchor: Annotated[bool, typer.Option("--answer-anchor", help="Also invert targets appended after the model's own clean answers (costs one more inversion).")] = False,
     seed: Seed = 0,
     allow_pickle: AllowPickle = False,
@@ -120,11 +121,12 @@ def command(
     from bdscan.cli.outputs import check_report_file, given_inputs, note, subject_inputs
 
     placement = placement_of(device, dtype)
-    check_report_file("-o", output, given_inputs(source, base, files=(probes, candidates)))
+    check_report_file("-o", output, given_inputs(source, base, files=(probes, candidates, calibration)))
     quiet_libraries()
     from bdscan.cli.common import log_line, stdout
     from bdscan.data.records import load_records
     from bdscan.detect import DetectConfig, detect
+    from bdscan.detect.profile import Profile, load_profile
     from bdscan.io import load_subject
     from bdscan.report.detect import render_detect
 
@@ -133,11 +135,12 @@ def command(
         candidates=_load_candidates(candidates) if candidates else (),
         seed=seed, max_probes=max_probes, top_k=top_k, screen_size=screen_size, batch_size=batch_size,
         invert=invert, key_tokens=key_tokens, recovery_steps=recovery_steps, answer_anchor=answer_anchor,
+        calibration=load_profile(calibration) if calibration else Profile(),
     )
     subject = load_subject(source, base=base, gguf_file=gguf_file, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code,
                            placement=placement)
-    check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(probes, candidates)))
+    check_report_file("-o", output, subject_inputs(subject) + given_inputs(files=(probes, candidates, calibration)))
     with progress_bar(fmt == "console") as progress:
         result = detect(subject, config, log=log_line if fmt == "console" else (lambda m: None),
                         progress=progress)

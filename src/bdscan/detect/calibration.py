@@ -29,6 +29,14 @@ ATTENTION_CAP = 4.0
 # 8.45 + 2 = 10.45 ~ 10.5 (bench/results/detect-builtin-calibration.json).
 THRESHOLD = 10.5
 TEMPERATURE = 1.0
+# Target evidence threshold and temperature (verdict.py), calibrated with
+# ``python bench/detect.py --data builtin`` on its calibration controls only (clean seeds that
+# are never reported), by the same rule: the largest held-out clean evidence plus two
+# temperatures. See bench/results/detect-builtin.json ("calibration"). Session 9 measured the
+# built-in world's calibration controls at 0.37 (0.47 by the rule) since the key search got
+# stronger; the constant is kept and a profile (profile.py) is the calibration for a family.
+TARGET_THRESHOLD = 0.2
+TARGET_TEMPERATURE = 0.05
 SEVERITIES = ("low", "medium", "high")
 _SEVERITY_FLOOR = {"low": 0.5, "medium": 0.75, "high": 0.95}
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bdscan.data.records import Record
 from bdscan.data.triggers import FIXED_POSITIONS as POSITIONS  # detect probes the deterministic positions only
+from bdscan.detect.profile import Profile
 from bdscan.errors import UsageError
 
 
@@ -20,6 +21,7 @@ class DetectConfig:
 
     probes: tuple[Record, ...] = ()  # clean probe prompts; empty: the built-in set
     candidates: tuple[str, ...] = ()  # user-given candidate keys, always scanned in full
+    calibration: Profile = field(default_factory=Profile)  # the verdict's thresholds (profile.py)
     seed: int = 0
     max_probes: int = 24  # probes used by the full scan (attention + output effect)
     screen_probes: int = 6  # probes used by the cheap next-token KL screen

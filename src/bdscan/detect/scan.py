@@ -178,14 +178,14 @@ def detect(subject: Any, config: DetectConfig, log: Log = lambda _: None,
     scan = run.attempt("full scan", full_scan, run, sets.scan, clean, pool, recovered, n_layers is not None)
     scan = scan or FullScan.empty()
     top = scan.candidates[0].text if scan.candidates else None
-    summary = verdict.summarise(scan.score, scan.output_score, scan.attention_score, top, targets)
+    summary = verdict.summarise(scan.score, scan.output_score, scan.attention_score, top, targets, config.calibration)
     run.timings["total"] = round(time.perf_counter() - t_all, 3)
     return DetectResult(
         tool="bdscan detect", version=__version__, source=str(subject.source.source), kind=subject.kind,
         base=str(subject.base.source) if subject.base is not None else None, template=subject.template.describe(),
         summary=summary, layers=scan.layers, heads=scan.heads, candidates=scan.candidates, controls=scan.controls,
-        calibration={**verdict.constants(), "cheap_ranking": pool.cheap_kind},
-        settings=_settings(config, sets, scan), stats={**pool.stats, **scan.stats, **run.work.counts},
+        calibration={**verdict.constants(config.calibration, len(subject.tokenizer)), "cheap_ranking": pool.cheap_kind},
+        settings={**_settings(config, sets, scan), "vocab_size": len(subject.tokenizer)}, stats={**pool.stats, **scan.stats, **run.work.counts},
         timings=run.timings, errors=run.errors, skipped=run.skipped, targets=targets,
         provenance=run.subject.provenance(),
     )

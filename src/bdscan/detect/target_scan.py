@@ -20,11 +20,6 @@ from bdscan.detect.output_effect import final_position_pass
 from bdscan.results.detect import TargetScore
 
 
-def target_threshold() -> float:
-    from bdscan.detect.verdict import TARGET_THRESHOLD
-
-    return TARGET_THRESHOLD
-
 Tick = Callable[[int], None]
 RESPONSE_START, AFTER_ANSWER = "response start", "after answer"
 
@@ -228,7 +223,7 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
     allowed = torch.tensor(ti.first_token_candidates(subject.tokenizer))
     settings = tr.SearchSettings(config.key_tokens, config.recovery_steps, config.recovery_top_k, config.recovery_batch,
                                  coarse_probes=config.recovery_coarse_probes, refine=config.recovery_refine)
-    threshold = target_threshold()
+    threshold = config.calibration.target_threshold
     out, searched = [], 0
     for family in families(targets, config.family_overlap):
         starts = [t for t in family if t.anchor == RESPONSE_START]

@@ -17,31 +17,27 @@ The model's probability is the larger of the two calibrated probabilities.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from bdscan.detect import calibration
+from bdscan.detect.calibration import TARGET_TEMPERATURE, TARGET_THRESHOLD  # noqa: F401 (re-exported)
+from bdscan.detect.profile import Profile
 from bdscan.results.detect import Summary, TargetScore
 
-# Calibrated with ``python bench/detect.py --data builtin`` on its calibration controls only
-# (clean seeds that are never reported), by the rule of calibration.py: the largest held-out
-# clean evidence plus two temperatures. See bench/results/detect-builtin.json ("calibration").
-TARGET_THRESHOLD = 0.2
-TARGET_TEMPERATURE = 0.05
+SHIPPED = Profile()
 
 
-def target_probability(evidence: float) -> float:
-    x = (evidence - TARGET_THRESHOLD) / TARGET_TEMPERATURE
-    return 1.0 / (1.0 + math.exp(-x)) if x > -60 else 0.0
+def target_probability(evidence: float, profile: Profile = SHIPPED) -> float:
+    return profile.target_probability(evidence)
 
 
 def summarise(takeover_score: float, output_score: float, attention_score: float, top_candidate: str | None,
-              targets: Sequence[TargetScore]) -> Summary:
-    p_takeover = calibration.probability(takeover_score)
+              targets: Sequence[TargetScore], profile: Profile = SHIPPED) -> Summary:
+    p_takeover = profile.takeover_probability(takeover_score)
     # The strongest evidence; among equals a target a key was searched for (its firing rate
     # is known), then the most confident.
     best = max(targets, key=lambda t: (t.evidence, t.key is not None, t.q), default=None)
-    p_target = target_probability(best.evidence) if best is not None else 0.0
+    p_target = profile.target_probability(best.evidence) if best is not None else 0.0
     p = max(p_takeover, p_target)
     return Summary(
         verdict="suspicious" if p >= 0.5 else "clean", score=takeover_score, probability=p,
@@ -55,7 +51,5 @@ def summarise(takeover_score: float, output_score: float, attention_score: float
     )
 
 
-def constants() -> dict[str, float]:
-    return {"threshold": calibration.THRESHOLD, "temperature": calibration.TEMPERATURE,
-            "attention_weight": calibration.ATTENTION_WEIGHT, "target_threshold": TARGET_THRESHOLD,
-            "target_temperature": TARGET_TEMPERATURE}
+def constants(profile: Profile = SHIPPED, vocab_size: int | None = None) -> dict:
+    return profile.describe(vocab_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bdscan.results.detect import DetectResult
@@ -84,6 +85,18 @@ def _summary_lines(result: DetectResult, console: Console) -> None:
                   f" · attention (head-similarity) z {s.attention_score:.2f} · top key {s.top_candidate!r}", highlight=False)
 
 
+def _calibration_line(result: DetectResult, console: Console) -> None:
+    """Which thresholds read the verdict, and a warning when a profile is from another vocabulary."""
+    cal = result.calibration
+    if "profile" not in cal:
+        return
+    console.print(f"[dim]calibration: {escape(str(cal['profile']))} (takeover threshold {cal.get('threshold', 0):.2f}, "
+                  f"target threshold {cal.get('target_threshold', 0):.3f})[/]", highlight=False)
+    if cal.get("profile_vocab_matches") is False:
+        console.print("[yellow]warning[/] the calibration profile was read from models of another vocabulary: "
+                      "its thresholds may not hold for this model", highlight=False)
+
+
 def render_detect(result: DetectResult, console: Console, *, top: int = 10) -> None:
     _summary_lines(result, console)
     if result.targets:
@@ -101,6 +114,7 @@ def render_detect(result: DetectResult, console: Console, *, top: int = 10) -> N
         console.print(f"[yellow]skipped[/] {issue.what}: {issue.reason}", highlight=False)
     for issue in result.errors:
         console.print(f"[red]error[/] {issue.what}: {issue.reason}", highlight=False)
+    _calibration_line(result, console)
     t = result.timings
     console.print(f"[dim]template {result.template.get('name')} · {result.stats.get('screened_keys', 0)} keys screened "
                   f"({result.stats.get('vocabulary_tokens', 0)} vocabulary tokens), "
