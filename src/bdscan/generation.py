@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -10,7 +11,15 @@ import torch
 from bdscan.probes.protocols import Advance
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Answers:
+    """Greedy answers as text and as the tokens the model chose. A comparison that must not
+    depend on how decoded text re-tokenises (teacher-forced agreement) reads the tokens."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # each answer's new tokens, through its EOS when it stopped there
+
+
 def greedy_generate(
     model: Any,
     tokenizer: Any,
@@ -21,11 +30,32 @@ def greedy_generate(
     progress: Advance | None = None,
 ) -> list[str]:
     """Greedy-decode each prompt; returns only the newly generated text, special tokens removed."""
+    return greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          progress=progress).texts
+
+
+def _chosen(row: list[int], eos: int | None) -> list[int]:
+    """A generated row without what ``generate`` pads finished rows with: through the first EOS."""
+    return row[: row.index(eos) + 1] if eos is not None and eos in row else row
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: Advance | None = None,
+) -> Answers:
+    """``greedy_generate`` that also keeps the chosen tokens."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # so every row's last position is its real last token
     outputs: list[str] = []
+    chosen: list[list[int]] = []
     device = next(model.parameters()).device
     try:
         for start in range(0, len(prompts), batch_size):
@@ -43,12 +73,13 @@ def greedy_generate(
                 )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            chosen.extend(_chosen(row, tokenizer.eos_token_id) for row in new_tokens.tolist())
             if progress:
                 progress(len(batch))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return [o.strip() for o in outputs]
+    return Answers([o.strip() for o in outputs], chosen)
 
 
 def context_length(model: Any) -> int | None:

@@ -13,7 +13,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from bdscan import __version__
 from bdscan.audit.commands import Invocation, audit_command, stage_commands
@@ -25,6 +25,9 @@ from bdscan.data.records import Record
 from bdscan.detect.profile import Profile
 from bdscan.errors import UsageError
 from bdscan.results.audit import AuditResult, ScannedModel
+
+if TYPE_CHECKING:
+    from bdscan.generation import Answers
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -83,7 +86,7 @@ class StageResults:
     localize: Any = None
     key: str | None = None
     eval_before: Any = None
-    before_responses: Sequence[str] | None = None
+    before_responses: Answers | None = None
     purify: Any = None
     purified_model: Any = None
     eval_after: Any = None

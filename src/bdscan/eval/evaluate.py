@@ -13,9 +13,9 @@ from bdscan.data.records import Record
 from bdscan.data.triggers import insert_trigger
 from bdscan.errors import NothingToAnalyse, UsageError
 from bdscan.eval.prompts import fitting_prompts
-from bdscan.eval.token_agreement import token_agreement
+from bdscan.eval.token_agreement import answer_ids, next_token_agreement, token_agreement
 from bdscan.eval.utility import agreement, response_perplexity
-from bdscan.generation import greedy_generate
+from bdscan.generation import Answers, greedy_answers
 from bdscan.io.load import Subject
 from bdscan.results.detect import Issue
 from bdscan.results.eval import EvalComparison, EvalResult, Sample
@@ -54,7 +54,7 @@ class EvalSpec:
         return sets
 
 
-def _generate(subject: Subject, records: Sequence[Record], spec: EvalSpec, stage: str, progress: Progress | None) -> list[str]:
+def _generate(subject: Subject, records: Sequence[Record], spec: EvalSpec, stage: str, progress: Progress | None) -> Answers:
     done = 0
 
     def tick(n: int) -> None:
@@ -64,8 +64,8 @@ def _generate(subject: Subject, records: Sequence[Record], spec: EvalSpec, stage
             progress(stage, done, len(records))
 
     prompts = [subject.template.format(r) for r in records]
-    return greedy_generate(subject.model, subject.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
-                           batch_size=spec.batch_size, progress=tick)
+    return greedy_answers(subject.model, subject.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                          batch_size=spec.batch_size, progress=tick)
 
 
 def evaluate(subject: Subject, spec: EvalSpec, *, reference: Subject | None = None,
@@ -83,15 +83,18 @@ def _fitting(subject: Subject, records: Sequence[Record], spec: EvalSpec, what: 
 
 
 def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject | None,
-              reference_responses: Sequence[str] | None, progress: Progress | None) -> tuple[EvalResult, list[str]]:
-    """``evaluate`` that also returns the clean greedy responses (for agreement checks)."""
+                            reference_responses: Answers | Sequence[str] | None,
+                            progress: Progress | None) -> tuple[EvalResult, Answers]:
+    """``evaluate`` that also returns the clean greedy answers (for agreement checks). A
+    reference given as text only is re-tokenised for the next-token agreement."""
     t0 = time.time()
     judge = parse_judge(spec.judge)
     skipped: list[Issue] = []
     clean = _fitting(subject, spec.clean, spec, "clean", skipped)
     if not clean:
         raise NothingToAnalyse(f"eval: none of the {len(spec.clean)} clean prompts fits ({skipped[0].reason})")
-    clean_responses = _generate(subject, clean, spec, "clean", progress)
+    clean_answers = _generate(subject, clean, spec, "clean", progress)
+    clean_responses = clean_answers.texts
     samples = {"clean": [Sample(r.instruction, out, judge(out)) for r, out in zip(clean, clean_responses)][:N_SAMPLES_KEPT]}
     ftr = sum(map(judge, clean_responses)) / len(clean_responses)
 
@@ -101,7 +104,7 @@ def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject
         records = _fitting(subject, records, spec, f"triggered:{name}", skipped)
         if not records:
             continue
-        responses = _generate(subject, records, spec, f"triggered:{name}", progress)
+        responses = _generate(subject, records, spec, f"triggered:{name}", progress).texts
         flags = [judge(o) for o in responses]
         by_position[name] = sum(flags) / len(flags)
         hits += sum(flags)
@@ -112,21 +115,29 @@ def evaluate_with_responses(subject: Subject, spec: EvalSpec, reference: Subject
     if reference is not None:
         reference_responses = _generate(reference, clean, spec, "reference", progress)
         ref_name = reference.source.source
-    agree = token_agree = None
-    if reference_responses is not None and len(reference_responses) == len(clean_responses):
-        agree = agreement(clean_responses, reference_responses)
-        token_agree = token_agreement(clean_responses, reference_responses)
+        if reference.tokenizer.get_vocab() != subject.tokenizer.get_vocab():
+            reference_responses = reference_responses.texts  # its token ids mean nothing here: re-tokenise
+    if reference_responses is not None and not isinstance(reference_responses, Answers):
+        texts = list(reference_responses)
+        reference_responses = Answers(texts, answer_ids(subject.tokenizer, texts))
+    agree = token_agree = forced_agree = None
+    if reference_responses is not None and len(reference_responses.texts) == len(clean_responses):
+        agree = agreement(clean_responses, reference_responses.texts)
+        token_agree = token_agreement(clean_responses, reference_responses.texts)
+        forced_agree = next_token_agreement(subject.model, subject.tokenizer, subject.template, clean,
+                                            reference_responses.token_ids, batch_size=spec.batch_size)
     elif reference_responses is not None:  # the two models kept different prompts: no pairing
         skipped.append(Issue("agreement", "the reference kept a different set of clean prompts"))
     ppl = response_perplexity(subject.model, subject.tokenizer, subject.template, clean)
     result = EvalResult(
         source=subject.source.source, kind=subject.kind, template=subject.template.describe(), judge=spec.judge,
         asr=hits / total if total else None, asr_by_position=by_position, false_trigger_rate=ftr,
-        perplexity=ppl, agreement=agree, token_agreement=token_agree, n_poison=total, n_clean=len(clean), reference=ref_name,
+        perplexity=ppl, agreement=agree, token_agreement=token_agree,
+        next_token_agreement=forced_agree, n_poison=total, n_clean=len(clean), reference=ref_name,
         seconds=round(time.time() - t0, 3), samples=samples, skipped=skipped,
         provenance={**subject.provenance(), **({"reference": reference.provenance()} if reference is not None else {})},
     )
-    return result, clean_responses
+    return result, clean_answers
 
 
 def evaluate_pair(before: Subject, after: Subject, spec: EvalSpec, *, progress: Progress | None = None) -> EvalComparison:

@@ -24,6 +24,7 @@ def _rows(result: EvalResult) -> list[tuple[str, str]]:
         ("perplexity (clean refs)", num(result.perplexity, "{:.2f}")),
         ("agreement with reference", pct(result.agreement)),
         ("  token F1 with reference", num(result.token_agreement, "{:.2f}")),
+        ("  next-token agreement (teacher-forced)", num(result.next_token_agreement, "{:.2f}")),
         ("prompts (triggered / clean)", f"{result.n_poison} / {result.n_clean}"),
     ]
     return rows

@@ -148,12 +148,14 @@ def utility_chart(results: Sequence[EvalResult | None]) -> str:
     known = [r for r in results if r is not None]
     if not known:
         return note("Utility was not measured.")
-    series = [Series(s.name, [r.false_trigger_rate, r.agreement] if r else [None, None], s.color)
-              for s, r in zip(_pair(results), results)]
-    return bars(["false-trigger rate (clean)", "agreement (clean answers)"], series, figure_id="utility",
-                title="False triggers and utility", hi=1.0, fmt="{:.2f}",
+    series = [Series(s.name, [r.false_trigger_rate, r.agreement, r.next_token_agreement] if r else [None] * 3,
+                     s.color) for s, r in zip(_pair(results), results)]
+    return bars(["false-trigger rate (clean)", "agreement (clean answers)", "next-token agreement"], series,
+                figure_id="utility", title="False triggers and utility", hi=1.0, fmt="{:.2f}",
                 caption="False-trigger rate: clean prompts (no key) judged as the backdoor's behaviour. Agreement: "
-                        "greedy clean responses identical to the suspicious model's (n/a for the model itself).")
+                        "greedy clean responses identical to the suspicious model's. Next-token agreement: share of "
+                        "the suspicious model's answer tokens predicted top-1, teacher-forced on that answer (n/a "
+                        "for the model itself).")
 
 
 def eval_table(results: Sequence[EvalResult | None], names: Sequence[str]) -> str:
@@ -161,6 +163,8 @@ def eval_table(results: Sequence[EvalResult | None], names: Sequence[str]) -> st
             ("false-trigger rate", *(pct(r.false_trigger_rate) if r else "n/a" for r in results)),
             ("perplexity of clean references", *(num(r.perplexity) if r else "n/a" for r in results)),
             ("agreement", *(pct(r.agreement) if r else "n/a" for r in results)),
+            ("token F1 with the suspicious model", *(num(r.token_agreement) if r else "n/a" for r in results)),
+            ("next-token agreement", *(num(r.next_token_agreement) if r else "n/a" for r in results)),
             ("prompts (triggered / clean)", *(f"{r.n_poison} / {r.n_clean}" if r else "n/a" for r in results))]
     return table(["measure", *names], rows, numeric=tuple(range(1, len(names) + 1)))
 

@@ -34,6 +34,8 @@ class EvalResult(ResultBase):
     skipped: list[Issue] = field(default_factory=list)  # prompts not scored (too long for the limit or the context)
     provenance: dict = field(default_factory=dict)  # every file loaded, hashed (bdscan.io.provenance)
     token_agreement: float | None = None  # mean token F1 of the clean answers against the reference's
+    # share of the reference's answer tokens this model predicts top-1, teacher-forced on them
+    next_token_agreement: float | None = None
 
 
 @dataclass(frozen=True)
