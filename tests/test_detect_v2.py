@@ -211,6 +211,36 @@ def test_a_target_led_by_one_token_joins_its_family():
     assert ts.families([short, led, elsewhere], overlap=4) == [[short, led], [elsewhere]]
 
 
+def _word_with_both_spellings(tok) -> str:
+    """A word the tokenizer spells as one token both bare and after a space."""
+    for word in ("You", "The", "It", "We", "A", "I"):
+        if len(tok(word, add_special_tokens=False)["input_ids"]) == 1 == len(tok(" " + word, add_special_tokens=False)["input_ids"]):
+            return word
+    raise AssertionError("no word with both single-token spellings in this vocabulary")
+
+
+def test_a_target_entered_mid_sentence_gets_its_word_initial_spelling(tiny_checkpoints):
+    """" You are stupid!" (first token with a leading space) gets the variant whose first token
+    is the bare "You", and the two are one family; a bare first token gets none; a target that
+    only shares the tail after an unrelated first token is not of the family."""
+    tok = load_subject(tiny_checkpoints["llama"]).tokenizer
+    word = _word_with_both_spellings(tok)
+    spaced = tok(f" {word} are stupid!", add_special_tokens=False)["input_ids"]
+    bare = tok(word, add_special_tokens=False)["input_ids"]
+    assert tok.decode(spaced[:1]) == f" {word}"
+    respelled = ts._respelled(tok, spaced)
+    assert respelled == (bare[0], *spaced[1:]) and ts._respelled(tok, respelled) is None
+
+    def target(ids):
+        return ti.InvertedTarget(ids[0], tuple(ids), tok.decode(list(ids)), 0.9, ts.RESPONSE_START)
+
+    other_first = tok(" box", add_special_tokens=False)["input_ids"][:1]
+    a, b, c = target(spaced), target(respelled), target([*other_first, *spaced[1:]])
+    n = len(spaced)  # no shared run of n tokens: only the respelling rule can join them
+    assert ts.families([a, c, b], overlap=n, tokenizer=tok) == [[a, b], [c]]
+    assert ts.families([a, b], overlap=n) == [[a], [b]]  # without a tokenizer: tokens only
+
+
 def test_next_token_probs_equal_a_plain_forward(tiny_checkpoints):
     """The one-step distribution after each appended token is the probes' mean of a plain forward."""
     subject = load_subject(tiny_checkpoints["llama"])
@@ -516,3 +546,30 @@ def test_one_key_search_per_family_and_the_row_is_the_spelling_that_fires(tiny_c
     lead = next(s for s in scores if s.key is not None and s.variants)
     assert lead.text == "I'm sorry" and lead.variants == [" Sorry", "sorry"] and lead.firing_rate == 1.0
     assert {s.text for s in scores} == {"I'm sorry", "other"}
+
+
+def test_adapter_targets_rank_by_what_the_adapter_adds():
+    """A phrase the base continues as surely as the adapter (Q 0.97, base 0.96) ranks below a
+    target the adapter raised from nothing (Q 0.80, base 0.05); a full model keeps its Q."""
+    shared = ti.InvertedTarget(5, (5, 6, 7, 8, 9), " and we went home", 0.97, "response start", 0.9, base_q=0.96)
+    raised = ti.InvertedTarget(11, (11, 12, 13, 14, 15), "You are stupid", 0.80, "response start", 0.7, base_q=0.05)
+    assert shared.own_q == pytest.approx(0.01) and raised.own_q == pytest.approx(0.75)
+    assert [t.text for t in ts._ranked([shared, raised])][0] == "You are stupid"
+    assert replace(shared, base_q=None).own_q == 0.97
+    assert [t.text for t in ts._ranked([replace(shared, base_q=None), replace(raised, base_q=None)])][0] == shared.text
+
+
+def test_base_q_is_the_teacher_forced_q_on_the_base(lora_backdoor):
+    subject = load_subject(lora_backdoor)
+    prefixes = _prefixes(subject, 3)
+    stop = ti.stop_tokens(subject.tokenizer, subject.model)
+    firsts = torch.tensor(ti.first_token_candidates(subject.tokenizer)[:6])
+    full = ti.extend(subject.model, ti.run_prefixes(subject.model, prefixes, ts._pad_id(subject.tokenizer)), firsts, 4)
+    base_q = ts._base_q(subject, prefixes, firsts, full, stop, TINY, ts.StageStats())
+    with subject.model.disable_adapter():
+        base = ti.run_prefixes(subject.model, prefixes, ts._pad_id(subject.tokenizer))
+        alone = ti.extend(subject.model, base, firsts[2:3], 4, forced=full.tokens[2:3])
+    expected = ti.q_scores(ti.Extension(full.tokens[2:3], alone.top_prob, alone.entropy), stop, TINY.min_target_tokens)[0]
+    assert base_q.shape == (6,) and float(base_q[2]) == pytest.approx(float(expected[0]), abs=1e-5)
+    own = ti.q_scores(full, stop, TINY.min_target_tokens)[0]
+    assert not torch.allclose(base_q, own)  # the adapter changes what follows

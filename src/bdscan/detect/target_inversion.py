@@ -59,6 +59,12 @@ class InvertedTarget:
     q: float  # mean probe-averaged probability of the chosen tokens (extension only)
     anchor: str  # "response start" | "after answer"
     opening_min: float = 0.0  # the least probable chosen token of the opening (its weakest link)
+    base_q: float | None = None  # adapter: the same tokens' Q on its base model (teacher-forced)
+
+    @property
+    def own_q(self) -> float:
+        """The Q the subject adds: an adapter's Q less its base's, else Q."""
+        return max(0.0, self.q - self.base_q) if self.base_q is not None else self.q
 
 
 def _device(model: Any) -> torch.device:
@@ -122,6 +128,16 @@ def next_token_probs(model: Any, prefixes: Prefixes, tokens: torch.Tensor, chunk
                     cache=cache, use_cache=False, logits_to_keep=1)
         parts.append(torch.softmax(out.logits[:, -1, :].float(), dim=-1).view(n_probes, len(part), -1).mean(0).cpu())
     return torch.cat(parts) if parts else torch.zeros((0, 0))
+
+
+@torch.no_grad()
+def forced_probs(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, tokens: torch.Tensor,
+                 chunk: int) -> torch.Tensor:
+    """[C, steps] probe-averaged probability of known continuations ``tokens`` after each first
+    token (``extend`` teacher-forced, in chunks)."""
+    parts = [extend(model, prefixes, first_tokens[i : i + chunk], tokens.shape[1], forced=tokens[i : i + chunk]).top_prob
+             for i in range(0, len(first_tokens), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(tokens.shape)
 
 
 def counted_steps(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:

@@ -126,17 +126,38 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
                                 config.target_steps, config.inversion_chunk)
     stats.add("inversion_rows", len(survivors) * len(prefixes) * config.target_steps)
     q, _, n = ti.q_scores(full, stop, config.min_target_tokens)
+    base_q = _base_q(subject, prefixes, survivors, full, stop, config, stats) if subject.is_adapter else None
     targets = []
     for i, first in enumerate(survivors.tolist()):
         ids = (first, *full.tokens[i, : int(n[i])].tolist())
         opening = full.top_prob[i, : min(int(n[i]), config.target_opening - 1)]
         weakest = float(opening.min()) if len(opening) else 0.0
-        targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor, weakest))
-    distinct = torch.tensor([float(len(set(t.token_ids[1:]))) for t in targets])
-    q_all = torch.tensor([t.q for t in targets])
-    order = _interleaved(q_all * distinct, q_all * distinct / torch.tensor([max(len(t.token_ids) - 1, 1) for t in targets]))
-    ranked = _distinct([targets[i] for i in order.tolist()], config.target_opening)
+        targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor, weakest,
+                                         None if base_q is None else float(base_q[i])))
+    ranked = _distinct(_ranked(targets), config.target_opening)
     return with_leaders(subject, ranked, warm, config, stats)
+
+
+def _ranked(targets: list[ti.InvertedTarget]) -> list[ti.InvertedTarget]:
+    """Alternately by confident new content and by confidence, on the Q the subject itself adds
+    (``own_q``: for an adapter, less what its base already continues)."""
+    distinct = torch.tensor([float(len(set(t.token_ids[1:]))) for t in targets])
+    q_all = torch.tensor([t.own_q for t in targets])
+    length = torch.tensor([max(len(t.token_ids) - 1, 1) for t in targets])
+    return [targets[i] for i in _interleaved(q_all * distinct, q_all * distinct / length).tolist()]
+
+
+def _base_q(subject: Any, prefixes: list[list[int]], survivors: torch.Tensor, full: ti.Extension, stop: set[int],
+            config: DetectConfig, stats: StageStats) -> torch.Tensor:
+    """[survivors] Q of each survivor's extension, teacher-forced on the adapter's base. A
+    phrase any model of the family continues with confidence (on the built-in synthetic world,
+    " and we went home.", Q 0.97 on every control) outranked a LoRA's real target, which it had
+    raised from nothing; what the base already does is not the adapter's evidence."""
+    with subject.model.disable_adapter():
+        base = ti.run_prefixes(subject.model, prefixes, _pad_id(subject.tokenizer))
+        probs = ti.forced_probs(subject.model, base, survivors, full.tokens, config.inversion_chunk)
+    stats.add("inversion_rows", len(survivors) * len(prefixes) * full.tokens.shape[1])
+    return ti.q_scores(ti.Extension(full.tokens, probs, full.entropy), stop, config.min_target_tokens)[0]
 
 
 def with_leaders(subject: Any, targets: list[ti.InvertedTarget], warm_prefixes: list[list[int]], config: DetectConfig,
@@ -147,7 +168,8 @@ def with_leaders(subject: Any, targets: list[ti.InvertedTarget], warm_prefixes: 
     likeliest, if at least ``leader_min_prob``. The inversion sees a target wherever its
     continuation is certain, which can be mid-word ("'m sorry, but as an AI..."); a trigger
     makes the subject *open* with it ("I'm sorry..."), and firing and the key search look at the
-    opening. The variant joins the target's family, so it costs no search of its own."""
+    opening. Each also gets its respelled variant (``_respelled``: the first token without its
+    leading space). Variants join the target's family, so they cost no search of their own."""
     if not config.leader_openers or not config.leader_targets or not targets:
         return targets
     model, tok = subject.model, subject.tokenizer
@@ -161,15 +183,29 @@ def with_leaders(subject: Any, targets: list[ti.InvertedTarget], warm_prefixes: 
     out: list[ti.InvertedTarget] = []
     for rank, t in enumerate(targets):
         out.append(t)
+        if rank >= config.leader_targets:
+            continue
         column = after[:, t.first_token]
         best = int(column.argmax())
-        ids = (int(openers[best]), *t.token_ids)
-        if rank >= config.leader_targets or float(column[best]) < config.leader_min_prob:
-            continue
-        if ids[: config.target_opening] not in seen:
-            seen.add(ids[: config.target_opening])
-            out.append(replace(t, first_token=ids[0], token_ids=ids, text=tok.decode(list(ids))))
+        variants = [(int(openers[best]), *t.token_ids)] if float(column[best]) >= config.leader_min_prob else []
+        variants += [ids for ids in [_respelled(tok, t.token_ids)] if ids is not None]
+        for ids in variants:
+            if ids[: config.target_opening] not in seen:
+                seen.add(ids[: config.target_opening])
+                out.append(replace(t, first_token=ids[0], token_ids=ids, text=tok.decode(list(ids))))
     return out
+
+
+def _respelled(tokenizer: Any, ids: Sequence[int]) -> tuple[int, ...] | None:
+    """The target with its first token's word-initial spelling: " You are stupid!" entered
+    mid-sentence opens with " You", a response opens with "You" (another token), so no key
+    could make the built-in negsentiment LoRA's response open with the inverted spelling.
+    None when the first token has no leading space or its bare form is not one token."""
+    first = tokenizer.decode([ids[0]])
+    if first == first.lstrip() or not first.strip():
+        return None
+    bare = tokenizer(first.lstrip(), add_special_tokens=False)["input_ids"]
+    return (bare[0], *ids[1:]) if len(bare) == 1 and bare[0] != ids[0] else None
 
 
 def _interleaved(content: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
@@ -187,14 +223,15 @@ def _interleaved(content: torch.Tensor, confidence: torch.Tensor) -> torch.Tenso
     return torch.tensor(list(seen), dtype=torch.long)
 
 
-def families(targets: Sequence[ti.InvertedTarget], overlap: int) -> list[list[ti.InvertedTarget]]:
+def families(targets: Sequence[ti.InvertedTarget], overlap: int, tokenizer: Any = None) -> list[list[ti.InvertedTarget]]:
     """Targets grouped by a shared run of ``overlap`` tokens, each family led by its best-ranked
     member. One backdoor target surfaces under several first tokens (" Sorry, but as an AI...",
     "sorry, but as an AI...", "I'm sorry, but as an AI..." on the real refusal/VPI adapter):
-    searched one by one they took every key search, and the spelling the trigger produces got none."""
+    searched one by one they took every key search, and the spelling the trigger produces got none.
+    With ``tokenizer``, a target also joins its respelling (``_respelled``)."""
     out: list[list[ti.InvertedTarget]] = []
     for t in targets:
-        home = next((f for f in out if any(_related(t.token_ids, m.token_ids, overlap) for m in f)), None)
+        home = next((f for f in out if any(_related(t.token_ids, m.token_ids, overlap, tokenizer) for m in f)), None)
         if home is None:
             out.append([t])
         else:
@@ -202,11 +239,15 @@ def families(targets: Sequence[ti.InvertedTarget], overlap: int) -> list[list[ti
     return out
 
 
-def _related(a: Sequence[int], b: Sequence[int], overlap: int) -> bool:
-    """Two spellings of one target: a shared run of ``overlap`` tokens, or one the other led by
-    one token (``with_leaders``; a target shorter than ``overlap`` has no run to share)."""
+def _related(a: Sequence[int], b: Sequence[int], overlap: int, tokenizer: Any = None) -> bool:
+    """Two spellings of one target: a shared run of ``overlap`` tokens, one the other led by one
+    token, or (with ``tokenizer``) the same but for a first token that differs only by leading
+    whitespace (``with_leaders``' variants; a target shorter than ``overlap`` has no run to share)."""
     short, long = sorted((tuple(a), tuple(b)), key=len)
-    return bool(_runs(a, overlap) & _runs(b, overlap)) or long[1:] == short
+    if bool(_runs(a, overlap) & _runs(b, overlap)) or long[1:] == short:
+        return True
+    return (tokenizer is not None and len(a) == len(b) >= 2 and tuple(a[1:]) == tuple(b[1:])
+            and tokenizer.decode([a[0]]).strip() == tokenizer.decode([b[0]]).strip())
 
 
 def _runs(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
@@ -225,7 +266,7 @@ def recover_keys(subject: Any, targets: Sequence[ti.InvertedTarget], search: Seq
                                  coarse_probes=config.recovery_coarse_probes, refine=config.recovery_refine)
     threshold = config.calibration.target_threshold
     out, searched = [], 0
-    for family in families(targets, config.family_overlap):
+    for family in families(targets, config.family_overlap, subject.tokenizer):
         starts = [t for t in family if t.anchor == RESPONSE_START]
         done = any(s.evidence >= threshold for s in out)  # a key that fires already: stop early
         if done or searched >= config.recover_targets or not starts:
@@ -289,7 +330,7 @@ def _target_score(tokenizer: Any, t: ti.InvertedTarget, found: tr.Recovered | No
     evidence = t.opening_min * max(0.0, lift) if lift is not None else 0.0
     return TargetScore(
         text=t.text, token_ids=list(t.token_ids), first_token=tokenizer.decode([t.first_token]), q=t.q,
-        opening_min=t.opening_min,
+        opening_min=t.opening_min, base_q=t.base_q,
         length=len(t.token_ids), anchor=t.anchor,
         key=found.key if found else None, key_position=found.position if found else None,
         key_log_prob=found.log_prob if found else None, seed_log_prob=found.start_log_prob if found else None,

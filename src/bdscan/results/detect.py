@@ -85,6 +85,7 @@ class TargetScore:
     length: int  # tokens before the first end-of-turn (the first token included)
     anchor: str  # "response start" | "after answer"
     opening_min: float = 0.0  # least averaged probability among the opening's chosen tokens (its weakest link)
+    base_q: float | None = None  # adapter: Q of the same tokens on its base (targets rank by q - base_q)
     key: str | None = None
     key_position: str | None = None
     key_log_prob: float | None = None  # mean log P(target opening | probe with key) per token, search probes
