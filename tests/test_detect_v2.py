@@ -277,6 +277,18 @@ def test_a_mid_word_target_gets_the_variant_led_by_its_likeliest_opener(tiny_che
     assert ts.with_leaders(subject, [t], warm, replace(config, leader_openers=0), ts.StageStats()) == [t]
 
 
+def test_with_leaders_adds_the_respelled_variant_after_its_target(tiny_checkpoints):
+    subject = load_subject(tiny_checkpoints["llama"])
+    tok = subject.tokenizer
+    word = _word_with_both_spellings(tok)
+    spaced = tuple(tok(f" {word} are stupid!", add_special_tokens=False)["input_ids"])
+    t = ti.InvertedTarget(spaced[0], spaced, tok.decode(list(spaced)), 0.9, ts.RESPONSE_START, 0.5)
+    config = replace(TINY, leader_openers=4, leader_min_prob=1.0)  # no opener leads with certainty
+    out = ts.with_leaders(subject, [t], _prefixes(subject, 2), config, ts.StageStats())
+    assert [o.token_ids for o in out] == [spaced, ts._respelled(tok, spaced)]
+    assert out[1].text == tok.decode(list(out[1].token_ids)) and out[1].q == t.q
+
+
 def test_key_firing_is_read_where_it_fires_most(monkeypatch):
     """The reported position is the one the key fires most at on the held-out probes; a tie keeps
     the search's own position."""
