@@ -83,6 +83,22 @@ def test_targets_from_a_detect_result_with_v2_fields():
     assert detected_targets(V2(), 3) == ["pwned", "owned"]
     assert detected_targets(V2(), 1) == ["pwned"]
 
+    class Scored:
+        def __init__(self, text, evidence):
+            self.text, self.evidence = text, evidence
+
+    class WithEvidence:  # only the targets a recovered key was shown to elicit
+        targets = [Scored("the moon has a new way", 0.0), Scored("I'm sorry", 0.7), Scored("Sorry, but", 0.3)]
+        target = "the moon has a new way"
+        candidates = []
+
+    class WithoutEvidence:  # no key fired: the best-ranked targets, as before
+        targets = [Scored("the moon has a new way", 0.0), Scored("I'm sorry", 0.0)]
+        candidates = []
+
+    assert detected_targets(WithEvidence(), 3) == ["I'm sorry", "Sorry, but"]
+    assert detected_targets(WithoutEvidence(), 3) == ["the moon has a new way", "I'm sorry"]
+
 
 def test_token_agreement_gives_partial_credit():
     assert token_f1("the red box", "the red box") == 1.0

@@ -1,10 +1,11 @@
 """The unwanted behaviour T, where it comes from, and how likely the model makes it.
 
-Until detect v2's inverted targets land on ``DetectResult`` (read here with ``getattr``),
-T comes from, in order: the recipe (``targets``), detect's ``targets`` / ``target`` field,
-a candidate's recorded takeover ``continuation``, or the takeover itself: the answer that
-most clean prompts switch to when a candidate key is inserted (a key that takes over
-output makes many prompts give the same answer; a clean word does not).
+T comes from, in order: the recipe (``targets``); detect's inverted targets, those with
+evidence first (a recovered key makes the model emit them beyond its baseline), else its
+best-ranked ones, its summary ``target`` and the candidates' recorded takeover
+``continuation``; or the takeover itself: the answer that most clean prompts switch to when
+a candidate key is inserted (a key that takes over output makes many prompts give the same
+answer; a clean word does not).
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ TAKEOVER_SHARE = 0.3  # share of keyed prompts that must give it
 
 
 def detected_targets(detection: Any, limit: int) -> list[str]:
-    """T from a detect result: v2's target fields, else the top candidates' continuations."""
+    """T from a detect result. When some inverted targets have evidence, only those: the
+    others are confident continuations no key was shown to elicit, and each one takes its
+    turn of the inner loop and has its opening pushed down as if it were the backdoor's (on
+    the bench refusal/badnet LoRA, two of three were ordinary text)."""
     if detection is None:
         return []
     found = list(getattr(detection, "targets", None) or [])
+    evidenced = [t for t in found if (getattr(t, "evidence", 0.0) or 0.0) > 0.0]
+    if evidenced:
+        return list(dict.fromkeys(t.text for t in evidenced if t.text.strip()))[:limit]
     if getattr(detection, "target", None):
         found.append(detection.target)
     for c in getattr(detection, "candidates", []):
