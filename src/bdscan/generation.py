@@ -20,18 +20,10 @@ class Answers:
     token_ids: list[list[int]]  # each answer's new tokens, through its EOS when it stopped there
 
 
-def greedy_generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    progress: Advance | None = None,
-) -> list[str]:
-    """Greedy-decode each prompt; returns only the newly generated text, special tokens removed."""
-    return greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          progress=progress).texts
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], **options: Any) -> list[str]:
+    """Greedy-decode each prompt; returns only the newly generated text, special tokens removed
+    (``options``: ``greedy_answers``' keywords)."""
+    return greedy_answers(model, tokenizer, prompts, **options).texts
 
 
 def _chosen(row: list[int], eos: int | None) -> list[int]:
