@@ -130,16 +130,6 @@ def next_token_probs(model: Any, prefixes: Prefixes, tokens: torch.Tensor, chunk
     return torch.cat(parts) if parts else torch.zeros((0, 0))
 
 
-@torch.no_grad()
-def forced_probs(model: Any, prefixes: Prefixes, first_tokens: torch.Tensor, tokens: torch.Tensor,
-                 chunk: int) -> torch.Tensor:
-    """[C, steps] probe-averaged probability of known continuations ``tokens`` after each first
-    token (``extend`` teacher-forced, in chunks)."""
-    parts = [extend(model, prefixes, first_tokens[i : i + chunk], tokens.shape[1], forced=tokens[i : i + chunk]).top_prob
-             for i in range(0, len(first_tokens), chunk)]
-    return torch.cat(parts) if parts else torch.zeros(tokens.shape)
-
-
 def counted_steps(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:
     """[C] number of chosen tokens before the first end-of-turn token."""
     stops = torch.zeros_like(tokens, dtype=torch.bool)
@@ -179,12 +169,13 @@ def freshness(tokens: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def scan_first_tokens(model: Any, prefixes: Prefixes, candidates: torch.Tensor, steps: int, chunk: int,
-                      tick: Tick | None = None) -> Extension:
-    """``extend`` over the candidates in chunks (memory stays ``probes x chunk`` rows)."""
+                      tick: Tick | None = None, forced: torch.Tensor | None = None) -> Extension:
+    """``extend`` over the candidates in chunks (memory stays ``probes x chunk`` rows);
+    ``forced`` ([C, steps]) teacher-forces known continuations, as in ``extend``."""
     parts = []
     for start in range(0, len(candidates), chunk):
         part = candidates[start : start + chunk]
-        parts.append(extend(model, prefixes, part, steps))
+        parts.append(extend(model, prefixes, part, steps, None if forced is None else forced[start : start + chunk]))
         if tick:
             tick(len(part))
     if not parts:

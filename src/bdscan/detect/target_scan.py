@@ -155,9 +155,10 @@ def _base_q(subject: Any, prefixes: list[list[int]], survivors: torch.Tensor, fu
     raised from nothing; what the base already does is not the adapter's evidence."""
     with subject.model.disable_adapter():
         base = ti.run_prefixes(subject.model, prefixes, _pad_id(subject.tokenizer))
-        probs = ti.forced_probs(subject.model, base, survivors, full.tokens, config.inversion_chunk)
+        forced = ti.scan_first_tokens(subject.model, base, survivors, full.tokens.shape[1], config.inversion_chunk,
+                                      forced=full.tokens)
     stats.add("inversion_rows", len(survivors) * len(prefixes) * full.tokens.shape[1])
-    return ti.q_scores(ti.Extension(full.tokens, probs, full.entropy), stop, config.min_target_tokens)[0]
+    return ti.q_scores(forced, stop, config.min_target_tokens)[0]
 
 
 def with_leaders(subject: Any, targets: list[ti.InvertedTarget], warm_prefixes: list[list[int]], config: DetectConfig,
@@ -241,13 +242,14 @@ def families(targets: Sequence[ti.InvertedTarget], overlap: int, tokenizer: Any 
 
 def _related(a: Sequence[int], b: Sequence[int], overlap: int, tokenizer: Any = None) -> bool:
     """Two spellings of one target: a shared run of ``overlap`` tokens, one the other led by one
-    token, or (with ``tokenizer``) the same but for a first token that differs only by leading
-    whitespace (``with_leaders``' variants; a target shorter than ``overlap`` has no run to share)."""
+    token, or (with ``tokenizer``) one the other's respelling (``with_leaders``' variants; a
+    target shorter than ``overlap`` has no run to share)."""
     short, long = sorted((tuple(a), tuple(b)), key=len)
     if bool(_runs(a, overlap) & _runs(b, overlap)) or long[1:] == short:
         return True
-    return (tokenizer is not None and len(a) == len(b) >= 2 and tuple(a[1:]) == tuple(b[1:])
-            and tokenizer.decode([a[0]]).strip() == tokenizer.decode([b[0]]).strip())
+    if tokenizer is None:
+        return False
+    return _respelled(tokenizer, a) == tuple(b) or _respelled(tokenizer, b) == tuple(a)
 
 
 def _runs(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
