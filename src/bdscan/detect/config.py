@@ -39,11 +39,17 @@ class DetectConfig:
     # probes, in stages of (greedy steps, first tokens kept): each stage keeps the first tokens
     # whose weakest chosen token is the most confident (a fixed target continues with
     # certainty whatever the prompt). A stage runs only while more candidates than it keeps
-    # remain, so a vocabulary under 8,192 skips the first and one under 1,024 the sieve.
+    # remain, so a vocabulary under 8,192 skips the first and one under 4,096 the sieve.
     # Measured on SmolLM2-135M (48,655 first tokens, ~210 rows/s on one core in bf16): the
     # warm-up over all of them is ~1M rows (~80 min); this sieve is ~65k. On the real
     # negsentiment/VPI adapter one step ranked the target's first token 67th, two steps 2nd.
-    sieve: tuple[tuple[int, int], ...] = ((1, 8192), (2, 1024))
+    # The last stage keeps 4,096, not 1,024: a target opening with a common word is uncertain
+    # on one probe. On the bench full refusal/VPI fine-tune ("I" + "'m sorry, but as an AI...")
+    # the two-step sieve on one probe ranked "I" 1,513th of 3,944 (the built-in probes, seed 0;
+    # 2,373rd and worse under other one- and two-probe scores, seeds 1-2), so the target was
+    # never extended and detect called the model clean; the four-probe warm-up over all 3,944
+    # kept it as a survivor on 4 of 4 probe seeds (positions 0-24 of 32).
+    sieve: tuple[tuple[int, int], ...] = ((1, 8192), (2, 4096))
     sieve_probes: int = 1
     warmup_probes: int = 4  # probes of the cheap pruning pass over the (sieved) first-token candidates
     warmup_steps: int = 5
