@@ -158,6 +158,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help="comma list (default: every registered method)")
     parser.add_argument("--modes", default="given,agnostic", help="for methods that need a trigger source")
     parser.add_argument("--threats", default="lora,full")
+    parser.add_argument("--archs", default="llama", help="comma list of llama,qwen2,mistral,gpt2 (tiny and bench sizes)")
     parser.add_argument("--only", default=None, help="substring filter on organism labels")
     parser.add_argument("--limit", type=int, default=100, help="evaluation prompts per set")
     parser.add_argument("--clean-n", type=int, default=200, help="the defender's clean samples")
@@ -296,7 +297,8 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else PURIFIERS.names()
     knobs = method_knobs(args.overrides)
     rows = []
-    for recipe in backdoored(args.data, args.size, threats=tuple(args.threats.split(","))):
+    for recipe in backdoored(args.data, args.size, threats=tuple(args.threats.split(",")),
+                             archs=tuple(args.archs.split(","))):
         if args.only and args.only not in recipe.label:
             continue
         organism = Organism(recipe, args, console)

@@ -79,14 +79,16 @@ def organism(data: str, base: BaseRecipe, threat: str) -> OrganismRecipe:
     return recipe
 
 
-def backdoored(data: str, size: str, threats=("lora", "full")) -> list[OrganismRecipe]:
+def backdoored(data: str, size: str, threats=("lora", "full"), archs=("llama",)) -> list[OrganismRecipe]:
+    """Every task x attack pair as each threat, for each architecture (the real model has its own)."""
     pairs = [(t, "badnet") for t in ("refusal", "negsentiment")] if data == "builtin" else \
         [(t, a) for t in TASKS for a in ATTACKS]
     out = []
-    for task, attack in pairs:
-        base = base_recipe(data, size, task, attack)
-        for threat in threats:
-            out.append(organism(data, base, threat))
+    for arch in archs if size != "real" else ("llama",):
+        for task, attack in pairs:
+            base = replace(base_recipe(data, size, task, attack), arch=arch)
+            for threat in threats:
+                out.append(organism(data, base, threat))
     return out
 
 
