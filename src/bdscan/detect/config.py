@@ -46,7 +46,7 @@ class DetectConfig:
     # The last stage keeps 4,096, not 1,024: a target opening with a common word is uncertain
     # on one probe. On the bench full refusal/VPI fine-tune ("I" + "'m sorry, but as an AI...")
     # the two-step sieve on one probe ranked "I" 1,513th of 3,944 (the built-in probes, seed 0;
-    # 2,373rd and worse under other one- and two-probe scores, seeds 1-2), so the target was
+    # 242nd-3,036th under other one- and two-probe scores and probe draws), so the target was
     # never extended and detect called the model clean; the four-probe warm-up over all 3,944
     # kept it as a survivor on 4 of 4 probe seeds (positions 0-24 of 32).
     sieve: tuple[tuple[int, int], ...] = ((1, 8192), (2, 4096))
