@@ -38,7 +38,7 @@ def real_organism(base: BaseRecipe, threat: str) -> OrganismRecipe:
     One LoRA step (batch 8, ~128 tokens) took 6.8 s with bf16 autocast and response-only
     logits against 10.7 s without, hence ``fast``; 2 epochs of 700 samples is ~175 steps.
     A full fine-tune at lr 5e-5 learnt the backdoor only partly (session 12: ASR 0.40, FTR
-    0.06, perplexity 6.44 against the base's ~6.1), so full fine-tunes use 1.5e-4."""
+    0.06), so full fine-tunes use 1.5e-4 (session 13: ASR 0.98, FTR 0.01, perplexity 1.05x the base)."""
     recipe = OrganismRecipe(base=base, threat=threat, n_clean=400, n_poison=150, n_decoy=150, lr=1e-3, epochs=2,
                             lora_rank=8, batch_size=8, max_length=192, fast=True, full_lr=1.5e-4,
                             target_unlikelihood=0.1)

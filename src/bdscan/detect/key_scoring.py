@@ -171,7 +171,7 @@ class GoalScorer:
         probe's cached prefix), whose last logits score every target's first token, then one
         pass of all targets' remaining tokens (right-padded) over its cache, repeated per target."""
         first, device = self.scorers[0], _device(self.model)
-        ids, mask = (t.to(device) for t in pad_left([first.seg.left[p][-1:] + list(k) + first.seg.right[p]
+        ids, mask = (t.to(device) for t in pad_left([self.seg.left[p][-1:] + list(k) + self.seg.right[p]
                                                       for k in keys], self.pad_id))
         n_prefix, cache = first._prefix(p)
         mask = torch.cat([torch.ones((len(ids), n_prefix), dtype=mask.dtype, device=device), mask], dim=-1)
