@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("BDSCAN_CACHE", str(REPO / ".bdscan-cache" / "bench"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchenv  # noqa: E402,F401  (the cache and offline settings, before bdscan)
 
 import torch  # noqa: E402
 

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("BDSCAN_CACHE", str(REPO / ".bdscan-cache" / "bench"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import benchenv  # noqa: E402,F401  (the cache and offline settings, before bdscan)
 sys.path.insert(0, str(REPO / "bench"))
 
 BASE_LABEL = "smollm2-135m-instruct (clean base)"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("BDSCAN_CACHE", str(REPO / ".bdscan-cache" / "bench"))  # the organisms the other benchmarks built
+import benchenv  # noqa: E402,F401  (the cache and offline settings, before bdscan)
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -179,10 +179,19 @@ def method_knobs(overrides: list[str]) -> dict[str, dict]:
     """``--set METHOD.KEY=VALUE`` items, grouped by method."""
     from bdscan.config import parse_overrides
 
+    from bdscan.errors import UsageError
+    from bdscan.purify import PURIFIERS
+
     knobs: dict[str, dict] = {}
     for item in overrides:
         method_name, _, assignment = item.partition(".")
-        knobs.setdefault(method_name, {}).update(parse_overrides([assignment]))
+        if method_name not in PURIFIERS.names():
+            raise SystemExit(f"bench/purify.py: --set {item!r}: expected METHOD.KEY=VALUE with METHOD one of "
+                             f"{', '.join(PURIFIERS.names())}")
+        try:
+            knobs.setdefault(method_name, {}).update(parse_overrides([assignment]))
+        except UsageError as e:  # a one-line message, as the CLI gives, not a traceback
+            raise SystemExit(f"bench/purify.py: {e}") from None
     return knobs
 
 

@@ -13,7 +13,8 @@ pytest.importorskip("gguf")
 REPO = Path(__file__).resolve().parents[1]
 NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CANDIDATES = [Path(os.environ["BDSCAN_REAL_GGUF"])] if os.environ.get("BDSCAN_REAL_GGUF") else [
-    REPO / ".bdscan-cache" / "bench" / "real" / NAME, Path.home() / ".cache" / "bdscan" / "real" / NAME]
+    Path.home() / ".cache" / "bdscan" / "bench" / "real" / NAME, REPO / ".bdscan-cache" / "bench" / "real" / NAME,
+    Path.home() / ".cache" / "bdscan" / "real" / NAME]
 GGUF = next((p for p in CANDIDATES if p.is_file()), None)
 
 pytestmark = [pytest.mark.real, pytest.mark.slow,

@@ -1,0 +1,16 @@
+"""The benchmarks' environment, set before bdscan is imported (``import benchenv`` first).
+
+Organisms are cached outside the work tree, in ``~/.cache/bdscan/bench`` (or
+``$BDSCAN_CACHE``): a real-model organism costs an hour of CPU, and a work tree laid anew (a
+fresh clone, ``git clean``) must not throw it away. Nothing is fetched from a hub at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.setdefault("BDSCAN_CACHE", str(Path.home() / ".cache" / "bdscan" / "bench")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
