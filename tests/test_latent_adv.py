@@ -19,7 +19,7 @@ from bdscan.probes import model_layout
 from bdscan.purify import PURIFIERS, PurifyInputs, purify
 from bdscan.purify.latent_adv import LatentAdvConfig
 from bdscan.purify.latent_adv.perturbation import perturbation_for, pgd
-from bdscan.purify.latent_adv.targets import detected_targets, target_batch, target_logprob
+from bdscan.purify.latent_adv.targets import detected_targets, target_batch, target_logprob, with_response_spellings
 
 runner = CliRunner()
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "latent-adv.yaml"
@@ -98,6 +98,17 @@ def test_targets_from_a_detect_result_with_v2_fields():
 
     assert detected_targets(WithEvidence(), 3) == ["I'm sorry", "Sorry, but"]
     assert detected_targets(WithoutEvidence(), 3) == ["the moon has a new way", "I'm sorry"]
+
+
+@pytest.mark.parametrize("texts,limit,expected", [
+    ([" You are stupid!", "I'm sorry"], 3, [" You are stupid!", "You are stupid!", "I'm sorry"]),
+    ([" You are stupid!", "I'm sorry"], 2, [" You are stupid!", "You are stupid!"]),
+    (["I'm sorry", "\nSure"], 3, ["I'm sorry", "\nSure", "Sure"]),
+    (["You are stupid!", " You are stupid!"], 3, ["You are stupid!", " You are stupid!"]),  # no duplicate
+    (["   "], 3, ["   "]),  # nothing left to respell
+])
+def test_targets_get_the_spelling_a_response_opens_with(texts, limit, expected):
+    assert with_response_spellings(texts, limit) == expected
 
 
 def test_token_agreement_gives_partial_credit():

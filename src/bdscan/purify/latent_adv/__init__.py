@@ -37,7 +37,8 @@ from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
 from bdscan.purify.latent_adv.config import LatentAdvConfig
 from bdscan.purify.latent_adv.losses import CleanTeacher, OuterTerms
 from bdscan.purify.latent_adv.perturbation import perturbation_for
-from bdscan.purify.latent_adv.targets import detected_targets, takeover_targets, target_batch, target_logprob
+from bdscan.purify.latent_adv.targets import (detected_targets, takeover_targets, target_batch, target_logprob,
+                                              with_response_spellings)
 from bdscan.training import Example, TrainConfig, TrainingPlan, run_plan
 from bdscan.training.lora import attach_lora, merge_lora
 
@@ -91,7 +92,7 @@ def _targets(inputs: PurifyInputs, config: LatentAdvConfig, records: Sequence[Re
         return config.given_targets()[: config.max_targets], "recipe"
     found = detected_targets(inputs.detection, config.max_targets)
     if found:
-        return found, "detect"
+        return with_response_spellings(found, config.max_targets), "detect"
     found = takeover_targets(inputs.subject, records, keys, config.max_targets, seed=inputs.seed)
     if found:
         inputs.log(f"latent-adv: target(s) from the keys' takeover: {found}")

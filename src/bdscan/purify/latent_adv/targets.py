@@ -47,6 +47,19 @@ def detected_targets(detection: Any, limit: int) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t and t.strip()))[:limit]
 
 
+def with_response_spellings(texts: Sequence[str], limit: int) -> list[str]:
+    """Each target followed by its spelling without leading whitespace, when it has one.
+    Detect can enter a target through a space-led token (`` You are stupid!``) that a response
+    never opens with: the model says ``You are stupid!`` after the response marker, a different
+    first token, so pushing down only the inverted spelling leaves the one the trigger produces
+    (measured on the tiny mistral full negsentiment fine-tune: ASR 1.00 -> 0.23 with the
+    inverted spelling alone)."""
+    out: list[str] = []
+    for text in texts:
+        out += [text, text.lstrip()] if text.lstrip() and text.lstrip() != text else [text]
+    return list(dict.fromkeys(out))[:limit]
+
+
 def takeover_targets(subject: Any, records: Sequence[Record], keys: Sequence[str], limit: int,
                      n_prompts: int = 16, seed: int = 0) -> list[str]:
     """The answer (first ``TAKEOVER_WORDS`` words) that at least ``TAKEOVER_SHARE`` of
