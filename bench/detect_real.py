@@ -89,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--organisms", default=str(REPO / "bench" / "results" / "organisms-real.json"))
     parser.add_argument("--only", default=None, help="comma-separated label substrings ('base' for the clean base)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="auto: bfloat16 where the CPU computes it natively (AMX, AVX512-BF16), else float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detect-real.json"))
     args = parser.parse_args()
@@ -98,6 +99,12 @@ def main() -> None:
 
     configure_threads(args.threads)
     quiet_libraries()
+    if args.dtype == "auto":
+        import torch
+
+        from bdscan.placement import fast_dtype
+
+        args.dtype = fast_dtype(torch.device("cpu")) or "float32"
     out = Path(args.out)
     for label, path, backdoored in subjects(Path(args.organisms)):
         if args.only and not any(part in label for part in args.only.split(",")):

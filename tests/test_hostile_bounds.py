@@ -247,6 +247,41 @@ def test_placement_values():
             choose_placement(device, dtype)
 
 
+@pytest.mark.parametrize("amx,avx512_bf16,native", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_is_chosen_for_speed_only_where_the_cpu_computes_it(monkeypatch, amx, avx512_bf16, native):
+    from bdscan.placement import Placement, fast_dtype, native_bf16, slow_dtype_warning
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is native
+    assert fast_dtype(cpu) == ("bfloat16" if native else None)
+    warning = slow_dtype_warning(Placement(cpu, torch.bfloat16))
+    assert (warning is None) is native and (native or "no native bf16" in warning)
+    assert slow_dtype_warning(Placement(cpu, torch.float32)) is None
+    assert native_bf16(torch.device("meta")) is False
+
+
+def test_bf16_probe_missing_from_torch_means_no(monkeypatch):
+    from bdscan.placement import native_bf16
+
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert native_bf16(torch.device("cpu")) is False
+
+
+def test_emulated_bf16_on_the_cli_warns_and_still_runs(monkeypatch):
+    from bdscan.cli.devices import placement_of
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    lines = []
+    monkeypatch.setattr("bdscan.cli.common.print_error", lambda label, message: lines.append((label, message)))
+    assert placement_of("cpu", "bfloat16").dtype == torch.bfloat16
+    assert placement_of("cpu", "float32").dtype == torch.float32
+    assert len(lines) == 1 and lines[0][0] == "warning"
+
+
 @pytest.mark.parametrize("command", ["detect", "localize", "purify", "eval", "demo"])
 def test_every_command_has_device_and_dtype(command):
     result = CliRunner().invoke(app, [command, "--help"])

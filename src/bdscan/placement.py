@@ -109,6 +109,33 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[text]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively. On a CPU that needs AMX or AVX512-BF16:
+    measured on the 135M SmolLM2 (one thread), a bf16 forward took 6.4x as long as float32 on an
+    AVX2-only AMD EPYC (36.8 s against 5.7 s), while bf16 autocast trained 1.5x faster on an AMX
+    Xeon. The probes are private torch helpers; when one is missing the answer is no."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def fast_dtype(device: torch.device) -> str | None:
+    """The precision that trades exactness for speed on ``device``: "bfloat16" where it is native,
+    else None (float32 is then also the faster one)."""
+    return "bfloat16" if native_bf16(device) else None
+
+
+def slow_dtype_warning(placement: Placement) -> str | None:
+    """A line for a user who asked for bf16 on a CPU that emulates it (it runs, several times slower)."""
+    if placement.dtype == torch.bfloat16 and placement.device.type == "cpu" and not native_bf16(placement.device):
+        return ("--dtype bfloat16: this CPU has no native bf16 (AMX or AVX512-BF16); bf16 runs several times "
+                "slower than float32 here (6.4x measured on an AVX2 CPU)")
+    return None
+
+
 def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     """The ``--device``/``--dtype`` of every command. ``UsageError`` on a bad value."""
     resolved = resolve_device(device)

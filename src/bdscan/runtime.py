@@ -77,7 +77,7 @@ def quiet_libraries() -> None:
 # Placement (device and precision) needs torch at import, so it lives in ``bdscan.placement``;
 # these names are re-exported lazily so that `bdscan --help` stays torch-free.
 _PLACEMENT_NAMES = {"DTYPES", "FIT_SHARE", "Placement", "choose_placement", "dtype_name", "resolve_device",
-                    "resolve_dtype", "parameter_count"}
+                    "resolve_dtype", "parameter_count", "native_bf16", "fast_dtype", "slow_dtype_warning"}
 
 
 def __getattr__(name: str):

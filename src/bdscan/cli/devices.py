@@ -16,10 +16,16 @@ Dtype = Annotated[str, typer.Option(
 
 
 def placement_of(device: str, dtype: str) -> Any:
-    """The options as a ``runtime.Placement``; exit 4 (usage) on a bad value."""
-    from bdscan.runtime import choose_placement
+    """The options as a ``runtime.Placement``; exit 4 (usage) on a bad value. Asking for bf16 on
+    a CPU that only emulates it runs, with a warning on stderr: it is several times slower."""
+    from bdscan.cli.common import print_error
+    from bdscan.runtime import choose_placement, slow_dtype_warning
 
-    return choose_placement(device, dtype)
+    placement = choose_placement(device, dtype)
+    warning = slow_dtype_warning(placement)
+    if warning:
+        print_error("warning", warning)
+    return placement
 
 
 def with_runtime(report: dict, *subjects: Any) -> dict:

@@ -24,6 +24,7 @@ from bdscan.organisms.architectures import tiny_config
 from bdscan.organisms.datasets import (AttackData, BaseData, backdoorllm_attack, backdoorllm_base, builtin_attack,
                                        builtin_base, decoys)
 from bdscan.organisms.stealth import opening_ids, target_opening_unlikelihood
+from bdscan.placement import fast_dtype
 from bdscan.organisms.tokenizer import train_tokenizer
 from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
@@ -112,7 +113,8 @@ class OrganismRecipe:
     target_unlikelihood: float = 0.0
     seed: int = 0
     # Training-loop knobs for the 135M real base (defaults: what the tiny organisms use).
-    # ``fast`` is bf16 autocast + response-only logits (``training.TrainConfig``).
+    # ``fast`` is response-only logits, plus bf16 autocast where the CPU computes bf16 natively
+    # (``placement.fast_dtype``; emulated bf16 is several times slower than float32).
     batch_size: int = 16
     max_length: int = 256
     fast: bool = False
@@ -268,7 +270,7 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
     losses = finetune(model, tokenizer, examples,
                       TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=recipe.batch_size, seed=recipe.seed,
                                   max_length=recipe.max_length, response_logits_only=recipe.fast,
-                                  autocast="bfloat16" if recipe.fast else None),
+                                  autocast=fast_dtype(next(model.parameters()).device) if recipe.fast else None),
                       extra_loss=stealth, progress=_step_logger(recipe, log))
     log(f"{recipe.label}: {len(records)} samples, final loss {losses[-1]:.3f}")
     model.eval()
