@@ -111,9 +111,10 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively. On a CPU that needs AMX or AVX512-BF16:
-    measured on the 135M SmolLM2 (one thread), a bf16 forward took 6.4x as long as float32 on an
-    AVX2-only AMD EPYC (36.8 s against 5.7 s), while bf16 autocast trained 1.5x faster on an AMX
-    Xeon. The probes are private torch helpers; when one is missing the answer is no."""
+    on the 135M SmolLM2, one thread (bench/precision.py), an AVX2-only AMD EPYC took 7.1x as
+    long for a bf16 forward as for float32 and 16x for a bf16-autocast training step, while an
+    AMX Xeon trained 1.5x faster under bf16 autocast. The probes are private torch helpers;
+    when one is missing the answer is no."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
@@ -132,7 +133,7 @@ def slow_dtype_warning(placement: Placement) -> str | None:
     """A line for a user who asked for bf16 on a CPU that emulates it (it runs, several times slower)."""
     if placement.dtype == torch.bfloat16 and placement.device.type == "cpu" and not native_bf16(placement.device):
         return ("--dtype bfloat16: this CPU has no native bf16 (AMX or AVX512-BF16); bf16 runs several times "
-                "slower than float32 here (6.4x measured on an AVX2 CPU)")
+                "slower than float32 here (7x measured on an AVX2 CPU)")
     return None
 
 
