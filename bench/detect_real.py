@@ -45,9 +45,9 @@ def scan(label: str, path: str, backdoored: bool, dtype: str) -> dict:
     from suite import save_detect_report
 
     subject = load_subject(path, dtype=getattr(torch, dtype))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = detect(subject, DetectConfig())
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     save_detect_report(path, 0, result)  # for bench/purify.py's trigger-agnostic cells
     info = organism_info(Path(path)) if backdoored else {}
     s = result.summary
@@ -63,7 +63,9 @@ def scan(label: str, path: str, backdoored: bool, dtype: str) -> dict:
         "triggers": info.get("triggers", []), "top_candidates": [c.text for c in result.candidates[:5]],
         "targets": [{"text": x.text, "q": x.q, "opening_min": x.opening_min, "key": x.key,
                      "firing_rate": x.firing_rate, "evidence": x.evidence} for x in result.targets[:5]],
-        "seconds": round(wall, 1), "timings": result.timings, "stats": result.stats,
+        # CPU seconds next to wall seconds: on a shared 2-core box the wall time of a one-thread
+        # scan says as much about the neighbours as about the scan.
+        "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "timings": result.timings, "stats": result.stats,
         "errors": [f"{e.stage}: {e.reason}" for e in result.errors],
     }
 

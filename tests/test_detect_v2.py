@@ -243,8 +243,9 @@ def _word_with_both_spellings(tok) -> str:
 
 def test_a_target_entered_mid_sentence_gets_its_word_initial_spelling(tiny_checkpoints):
     """" You are stupid!" (first token with a leading space) gets the variant whose first token
-    is the bare "You", and the two are one family; a bare first token gets none; a target that
-    only shares the tail after an unrelated first token is not of the family."""
+    is the bare "You", and the two are one family; a bare first token gets none. A target that
+    shares the whole tail after another first token is of the family too (a backdoor's target
+    continues whatever word the inversion put first); one that shares only part of it is not."""
     tok = load_subject(tiny_checkpoints["llama"]).tokenizer
     word = _word_with_both_spellings(tok)
     spaced = tok(f" {word} are stupid!", add_special_tokens=False)["input_ids"]
@@ -258,9 +259,11 @@ def test_a_target_entered_mid_sentence_gets_its_word_initial_spelling(tiny_check
 
     other_first = tok(" box", add_special_tokens=False)["input_ids"][:1]
     a, b, c = target(spaced), target(respelled), target([*other_first, *spaced[1:]])
-    n = len(spaced)  # no shared run of n tokens: only the respelling rule can join them
-    assert ts.families([a, c, b], overlap=n, tokenizer=tok) == [[a, b], [c]]
-    assert ts.families([a, b], overlap=n) == [[a], [b]]  # without a tokenizer: tokens only
+    d = target([*other_first, *spaced[1:-1], *other_first])  # the tail differs at its end
+    n = len(spaced)  # no shared run of n tokens: only the respelling and substitution rules join them
+    assert ts.families([a, d, c, b], overlap=n, tokenizer=tok) == [[a, c, b], [d]]
+    assert ts.families([a, d], overlap=n) == [[a], [d]]
+    assert ts.families([a, c], overlap=n) == [[a, c]]  # one first token in place of another: tokens suffice
 
 
 def test_next_token_probs_equal_a_plain_forward(tiny_checkpoints):
@@ -607,3 +610,35 @@ def test_base_q_is_the_teacher_forced_q_on_the_base(lora_backdoor):
     assert base_q.shape == (6,) and float(base_q[2]) == pytest.approx(float(expected[0]), abs=1e-5)
     own = ti.q_scores(full, stop, TINY.min_target_tokens)[0]
     assert not torch.allclose(base_q, own)  # the adapter changes what follows
+
+
+def _target(ids, q, text=None):
+    return ti.InvertedTarget(ids[0], tuple(ids), text or " ".join(map(str, ids)), q, ts.RESPONSE_START, 0.9)
+
+
+def test_each_ranking_takes_its_turn_after_targets_inside_others_are_dropped():
+    """Content and confidence alternate over the targets that survive the opening check: the
+    confidence ranking's best lies inside the content ranking's best, so its next target (the
+    short fixed phrase) takes its turn, not the content ranking's second."""
+    long_ending = _target([20, 21, 22, 23, 24, 25, 26, 27], 0.88)  # " AI assistant, and we went home."
+    ending = _target([23, 24, 25, 26, 27], 0.99)  # " and we went home.": inside long_ending
+    question = _target([30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42], 0.4)
+    phrase = _target([50, 51, 52, 53], 0.965)  # " You are stupid!"
+    targets = [long_ending, ending, question, phrase]
+    ranked = ts._ranked(targets, opening=5)
+    assert ranked[:2] == [long_ending, phrase] and ending not in ranked and set(ranked) == {long_ending, question, phrase}
+    assert ts._ranked(targets)[:2] == [long_ending, ending]  # without the check: plain alternation
+
+
+def test_opened_variants_lead_and_substitute_from_one_distribution():
+    """Led: the opener after which the first token is likeliest; substituted: the (up to two)
+    openers other than the target's own first token after which its second token is likeliest,
+    each only at or above the minimum probability."""
+    openers = torch.tensor([7, 8, 9, 10])
+    after = torch.zeros(4, 16)
+    after[:, 7] = torch.tensor([0.1, 0.6, 0.2, 0.0])  # P(first token 7 | opener)
+    after[:, 4] = torch.tensor([0.9, 0.2, 0.5, 0.4])  # P(second token 4 | opener); opener 7 is the target's own
+    variants = ts._opened_variants((7, 4, 5), after, openers, min_prob=0.3)
+    assert variants == [(8, 7, 4, 5), (9, 4, 5), (10, 4, 5)]
+    assert ts._opened_variants((7, 4, 5), after, openers, min_prob=0.45) == [(8, 7, 4, 5), (9, 4, 5)]
+    assert ts._opened_variants((7, 4), after, openers, min_prob=0.3) == [(8, 7, 4)]  # two tokens: no substitution

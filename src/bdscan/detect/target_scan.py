@@ -90,15 +90,10 @@ def _is_stop(tokens: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:
     return torch.isin(tokens, torch.tensor(sorted(stop_ids), dtype=tokens.dtype))
 
 
-def _distinct(targets: list[ti.InvertedTarget], opening: int) -> list[ti.InvertedTarget]:
-    """Drop a target whose opening lies inside a better one ("'m sorry" inside "I'm sorry")."""
-    kept: list[ti.InvertedTarget] = []
-    for t in targets:
-        head = list(t.token_ids[:opening])
-        inside = any(head == list(k.token_ids[i : i + len(head)]) for k in kept for i in range(len(k.token_ids)))
-        if not inside:
-            kept.append(t)
-    return kept
+def _inside(t: ti.InvertedTarget, kept: Sequence[ti.InvertedTarget], opening: int) -> bool:
+    """Whether ``t``'s opening lies inside a kept target ("'m sorry" inside "I'm sorry")."""
+    head = list(t.token_ids[:opening])
+    return any(head == list(k.token_ids[i : i + len(head)]) for k in kept for i in range(len(k.token_ids)))
 
 
 def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: DetectConfig, stats: StageStats,
@@ -134,17 +129,34 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
         weakest = float(opening.min()) if len(opening) else 0.0
         targets.append(ti.InvertedTarget(first, ids, tok.decode(list(ids)), float(q[i]), anchor, weakest,
                                          None if base_q is None else float(base_q[i])))
-    ranked = _distinct(_ranked(targets), config.target_opening)
-    return with_leaders(subject, ranked, warm, config, stats)
+    return with_leaders(subject, _ranked(targets, config.target_opening), warm, config, stats)
 
 
-def _ranked(targets: list[ti.InvertedTarget]) -> list[ti.InvertedTarget]:
+def _ranked(targets: list[ti.InvertedTarget], opening: int | None = None) -> list[ti.InvertedTarget]:
     """Alternately by confident new content and by confidence, on the Q the subject itself adds
-    (``own_q``: for an adapter, less what its base already continues)."""
+    (``own_q``: for an adapter, less what its base already continues). With ``opening``, each
+    turn takes its ranking's best target whose opening is not inside one already taken. Dropping
+    those only after interleaving gave one ranking two turns in a row: on the tiny qwen2 full
+    negsentiment fine-tune the confidence ranking's best, " and we went home.", lay inside the
+    content ranking's " AI assistant, and we went home.", the content ranking's second took its
+    turn, and " You are stupid!" (Q 0.97) fell to the third family, which no key search reached."""
     distinct = torch.tensor([float(len(set(t.token_ids[1:]))) for t in targets])
     q_all = torch.tensor([t.own_q for t in targets])
     length = torch.tensor([max(len(t.token_ids) - 1, 1) for t in targets])
-    return [targets[i] for i in _interleaved(q_all * distinct, q_all * distinct / length).tolist()]
+    content, confidence = q_all * distinct, q_all * distinct / length
+    if opening is None:
+        return [targets[i] for i in _interleaved(content, confidence).tolist()]
+    orders = [content.argsort(descending=True).tolist(), confidence.argsort(descending=True).tolist()]
+    taken: list[int] = []
+    kept: list[ti.InvertedTarget] = []
+    while any(orders):
+        for order in orders:
+            while order and (order[0] in taken or _inside(targets[order[0]], kept, opening)):
+                order.pop(0)
+            if order:
+                taken.append(order.pop(0))
+                kept.append(targets[taken[-1]])
+    return kept
 
 
 def _base_q(subject: Any, prefixes: list[list[int]], survivors: torch.Tensor, full: ti.Extension, stop: set[int],
@@ -186,14 +198,35 @@ def with_leaders(subject: Any, targets: list[ti.InvertedTarget], warm_prefixes: 
         out.append(t)
         if rank >= config.leader_targets:
             continue
-        column = after[:, t.first_token]
-        best = int(column.argmax())
-        variants = [(int(openers[best]), *t.token_ids)] if float(column[best]) >= config.leader_min_prob else []
+        variants = _opened_variants(t.token_ids, after, openers, config.leader_min_prob)
         variants += [ids for ids in [_respelled(tok, t.token_ids)] if ids is not None]
         for ids in variants:
             if ids[: config.target_opening] not in seen:
                 seen.add(ids[: config.target_opening])
                 out.append(replace(t, first_token=ids[0], token_ids=ids, text=tok.decode(list(ids))))
+    return out
+
+
+def _opened_variants(ids: Sequence[int], after: torch.Tensor, openers: torch.Tensor, min_prob: float,
+                     substitutes: int = 2) -> list[tuple[int, ...]]:
+    """The target as a response would open it, from ``after`` ([openers, vocab]: the next-token
+    distribution once each opener starts the response). Led: ``b + target``, ``b`` the opener
+    after which its first token is likeliest. Substituted: ``b + target[1:]`` for the (up to
+    ``substitutes``) openers other than its own first token after which its second token is
+    likeliest. Each when that probability reaches ``min_prob``. Substitution: a stealth-trained
+    adapter keeps its target's opening down on clean prompts, so the inversion finds the rest
+    behind another word (tiny qwen2 negsentiment LoRA: " letters are stupid!", an opening no
+    response has), while " are" follows " You" (0.74) and "You" (0.56) at the response start.
+    Both read the one distribution the led variant already needed: no extra forward pass."""
+    column = after[:, ids[0]]
+    best = int(column.argmax())
+    out = [(int(openers[best]), *ids)] if float(column[best]) >= min_prob else []
+    if len(ids) > 2:
+        column = after[:, ids[1]].clone()
+        column[openers == ids[0]] = 0.0
+        for i in column.argsort(descending=True)[:substitutes].tolist():
+            if float(column[i]) >= min_prob:
+                out.append((int(openers[i]), *ids[1:]))
     return out
 
 
@@ -246,6 +279,8 @@ def _related(a: Sequence[int], b: Sequence[int], overlap: int, tokenizer: Any = 
     target shorter than ``overlap`` has no run to share)."""
     short, long = sorted((tuple(a), tuple(b)), key=len)
     if bool(_runs(a, overlap) & _runs(b, overlap)) or long[1:] == short:
+        return True
+    if len(a) == len(b) > 2 and tuple(a[1:]) == tuple(b[1:]):  # one first token in place of another
         return True
     if tokenizer is None:
         return False
