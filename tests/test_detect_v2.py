@@ -591,9 +591,9 @@ def test_adapter_targets_rank_by_what_the_adapter_adds():
     shared = ti.InvertedTarget(5, (5, 6, 7, 8, 9), " and we went home", 0.97, "response start", 0.9, base_q=0.96)
     raised = ti.InvertedTarget(11, (11, 12, 13, 14, 15), "You are stupid", 0.80, "response start", 0.7, base_q=0.05)
     assert shared.own_q == pytest.approx(0.01) and raised.own_q == pytest.approx(0.75)
-    assert [t.text for t in ts._ranked([shared, raised])][0] == "You are stupid"
+    assert [t.text for t in ts._ranked([shared, raised], opening=5)][0] == "You are stupid"
     assert replace(shared, base_q=None).own_q == 0.97
-    assert [t.text for t in ts._ranked([replace(shared, base_q=None), replace(raised, base_q=None)])][0] == shared.text
+    assert [t.text for t in ts._ranked([replace(shared, base_q=None), replace(raised, base_q=None)], opening=5)][0] == shared.text
 
 
 def test_base_q_is_the_teacher_forced_q_on_the_base(lora_backdoor):
@@ -627,7 +627,6 @@ def test_each_ranking_takes_its_turn_after_targets_inside_others_are_dropped():
     targets = [long_ending, ending, question, phrase]
     ranked = ts._ranked(targets, opening=5)
     assert ranked[:2] == [long_ending, phrase] and ending not in ranked and set(ranked) == {long_ending, question, phrase}
-    assert ts._ranked(targets)[:2] == [long_ending, ending]  # without the check: plain alternation
 
 
 def test_opened_variants_lead_and_substitute_from_one_distribution():

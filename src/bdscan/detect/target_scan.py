@@ -132,10 +132,10 @@ def invert_targets(subject: Any, probes: Sequence[Record], anchor: str, config: 
     return with_leaders(subject, _ranked(targets, config.target_opening), warm, config, stats)
 
 
-def _ranked(targets: list[ti.InvertedTarget], opening: int | None = None) -> list[ti.InvertedTarget]:
+def _ranked(targets: list[ti.InvertedTarget], opening: int) -> list[ti.InvertedTarget]:
     """Alternately by confident new content and by confidence, on the Q the subject itself adds
-    (``own_q``: for an adapter, less what its base already continues). With ``opening``, each
-    turn takes its ranking's best target whose opening is not inside one already taken. Dropping
+    (``own_q``: for an adapter, less what its base already continues), each turn taking its
+    ranking's best target whose ``opening`` tokens do not lie inside one already taken. Dropping
     those only after interleaving gave one ranking two turns in a row: on the tiny qwen2 full
     negsentiment fine-tune the confidence ranking's best, " and we went home.", lay inside the
     content ranking's " AI assistant, and we went home.", the content ranking's second took its
@@ -144,8 +144,6 @@ def _ranked(targets: list[ti.InvertedTarget], opening: int | None = None) -> lis
     q_all = torch.tensor([t.own_q for t in targets])
     length = torch.tensor([max(len(t.token_ids) - 1, 1) for t in targets])
     content, confidence = q_all * distinct, q_all * distinct / length
-    if opening is None:
-        return [targets[i] for i in _interleaved(content, confidence).tolist()]
     orders = [content.argsort(descending=True).tolist(), confidence.argsort(descending=True).tolist()]
     taken: list[int] = []
     kept: list[ti.InvertedTarget] = []

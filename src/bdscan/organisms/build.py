@@ -24,8 +24,8 @@ from bdscan.organisms.architectures import tiny_config
 from bdscan.organisms.datasets import (AttackData, BaseData, backdoorllm_attack, backdoorllm_base, builtin_attack,
                                        builtin_base, decoys)
 from bdscan.organisms.stealth import opening_ids, target_opening_unlikelihood
-from bdscan.placement import fast_dtype
 from bdscan.organisms.tokenizer import train_tokenizer
+from bdscan.placement import fast_dtype
 from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
 
