@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.setdefault("BDSCAN_CACHE", str(Path.home() / ".cache" / "bdscan" / "bench")))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
