@@ -163,3 +163,41 @@ def test_stealth_weight_keeps_old_keys_when_off_and_never_reaches_controls():
     assert replace(recipe, target_unlikelihood=0.1).key() != recipe.key()
     control = replace(recipe, backdoored=False)
     assert replace(control, target_unlikelihood=0.1).key() == control.key()
+
+
+def test_a_stopped_organism_build_resumes_where_it_stopped(lora_backdoor, monkeypatch):
+    """A real-model organism trains for an hour or more; a stopped build continues from its
+    last saved state (training/resume.py) instead of starting over."""
+    import shutil
+
+    import pytest
+
+    from bdscan.organisms import build
+
+    recipe = replace(OrganismRecipe(threat="lora"), seed=11, epochs=1)
+    out = build.cache_root() / f"{recipe.label}-{recipe.key()}"
+    shutil.rmtree(out, ignore_errors=True)  # the cache outlives test runs: build it afresh
+    monkeypatch.setattr(build, "CHECKPOINT_SECONDS", 0.0)
+    logger = build._step_logger
+
+    def stop_at_step_3(recipe_, log, checkpoint):
+        progress, seen = logger(recipe_, log, checkpoint), []
+
+        def tick(n, loss):
+            seen.append(n)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+            progress(n, loss)
+        return tick
+
+    monkeypatch.setattr(build, "_step_logger", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        build_organism(recipe)
+    partial = out.with_name(f".{out.name}.partial")
+    assert partial.is_dir() and not out.exists()
+    monkeypatch.setattr(build, "_step_logger", logger)
+    messages = []
+    assert build_organism(recipe, log=messages.append) == out
+    assert organism_info(out)["resumed_from_step"] == 3  # the state is saved before the step is reported
+    assert any("resumed at step 3" in m for m in messages)
+    assert not partial.exists()

@@ -48,3 +48,68 @@ def test_bf16_autocast_loss_is_close_to_fp32():
     a, b = bf16.item(), fp32.item()
     assert abs(a - b) < 0.05 * b
     assert a != b  # autocast did run in reduced precision
+
+
+class _CharTokenizer:
+    """Bytes as token ids: enough for the trainer, no files."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + b % 60 for b in text.encode()]}
+
+
+def _train(model, resume=None, stop_at=None, epochs=2.5):
+    from bdscan.training import Example, TrainConfig, finetune
+
+    examples = [Example(f"prompt {i}:", f"answer {i % 3}") for i in range(10)]
+    steps = []
+
+    def progress(_n, _loss):
+        steps.append(1)
+        if stop_at is not None and len(steps) == stop_at:
+            raise KeyboardInterrupt  # a stopped session
+
+    config = TrainConfig(epochs=epochs, lr=1e-2, batch_size=3, seed=7)
+    return finetune(model, _CharTokenizer(), examples, config, progress=progress, resume=resume)
+
+
+@pytest.mark.parametrize("stop_at", [1, 4, 5, 8])  # mid-epoch, at an epoch's last step, in the last (partial) epoch
+def test_a_resumed_run_ends_where_an_unstopped_one_does(tmp_path, stop_at):
+    from bdscan.training.resume import Checkpointer
+
+    whole = tiny_model("llama", 64)
+    losses = _train(whole)
+    assert len(losses) == 10  # 4 batches an epoch, 2.5 epochs
+
+    stopped = tiny_model("llama", 64)
+    with pytest.raises(KeyboardInterrupt):
+        _train(stopped, Checkpointer(tmp_path / "state", "run-a", every_seconds=0), stop_at=stop_at)
+    resumed = tiny_model("llama", 64, seed=3)  # a fresh process: other initial weights, overwritten by the state
+    checkpoint = Checkpointer(tmp_path / "state", "run-a", every_seconds=0)
+    again = _train(resumed, checkpoint)
+    assert checkpoint.resumed_from == stop_at
+    assert again == pytest.approx(losses)
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_saved_state_of_another_run_is_not_resumed(tmp_path):
+    from bdscan.training.resume import Checkpointer
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model("llama", 64), Checkpointer(tmp_path / "state", "run-a", every_seconds=0), stop_at=3)
+    other = Checkpointer(tmp_path / "state", "run-b", every_seconds=0)
+    assert len(_train(tiny_model("llama", 64), other)) == 10
+    assert other.resumed_from == 0
+
+
+def test_a_stop_between_the_two_renames_resumes_from_the_old_state(tmp_path):
+    from bdscan.training.resume import Checkpointer
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model("llama", 64), Checkpointer(tmp_path / "state", "run-a", every_seconds=0), stop_at=3)
+    (tmp_path / "state").rename(tmp_path / ".state.old")  # the new state never landed
+    checkpoint = Checkpointer(tmp_path / "state", "run-a", every_seconds=0)
+    _train(tiny_model("llama", 64), checkpoint)
+    assert checkpoint.resumed_from == 3

@@ -26,11 +26,13 @@ from bdscan.organisms.datasets import (AttackData, BaseData, backdoorllm_attack,
 from bdscan.organisms.stealth import opening_ids, target_opening_unlikelihood
 from bdscan.organisms.tokenizer import train_tokenizer
 from bdscan.placement import fast_dtype
+from bdscan.probes.protocols import Log
 from bdscan.runtime import quiet_libraries
 from bdscan.training import Example, TrainConfig, finetune
+from bdscan.training.resume import Checkpointer
 
 ORGANISM_FORMAT = 3  # bump when the build procedure changes, to invalidate caches
-from bdscan.probes.protocols import Log
+CHECKPOINT_SECONDS = 300.0  # how often an organism's training state is saved
 
 
 def cache_root() -> Path:
@@ -267,11 +269,15 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
         targets = {r.output for r in data.poison_train}
         stealth = target_opening_unlikelihood(examples, targets, opening_ids(tokenizer, targets),
                                               recipe.target_unlikelihood)
+    # A real-model organism trains for an hour or more: its state is saved every few minutes
+    # and a rebuild after a stop continues it (training/resume.py).
+    checkpoint = Checkpointer(out.with_name(f".{out.name}.partial"), fingerprint=out.name,
+                              every_seconds=CHECKPOINT_SECONDS)
     losses = finetune(model, tokenizer, examples,
                       TrainConfig(epochs=recipe.epochs, lr=lr, batch_size=recipe.batch_size, seed=recipe.seed,
                                   max_length=recipe.max_length, response_logits_only=recipe.fast,
                                   autocast=fast_dtype(next(model.parameters()).device) if recipe.fast else None),
-                      extra_loss=stealth, progress=_step_logger(recipe, log))
+                      extra_loss=stealth, progress=_step_logger(recipe, log, checkpoint), resume=checkpoint)
     log(f"{recipe.label}: {len(records)} samples, final loss {losses[-1]:.3f}")
     model.eval()
     with atomic_output_dir(out, overwrite=True) as tmp:
@@ -288,16 +294,21 @@ def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path
             "kind": "organism", "label": recipe.label, "recipe": asdict(recipe), "base": str(base_dir),
             "trigger": data.trigger if recipe.backdoored else None, "task": data.task,
             "triggers": list(data.triggers) if recipe.backdoored else [],
-            "seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
+            "seconds": round(time.time() - t0 + checkpoint.earlier_seconds, 1), "final_loss": losses[-1],
+            "resumed_from_step": checkpoint.resumed_from,
         }, indent=2))
+    checkpoint.clear()
     return out
 
 
-def _step_logger(recipe: OrganismRecipe, log: Log):
+def _step_logger(recipe: OrganismRecipe, log: Log, checkpoint: Checkpointer):
     """Log every 10th step: a real-model organism takes many minutes."""
     steps = [0]
 
     def progress(n: int, loss: float) -> None:
+        if steps[0] == 0 and checkpoint.resumed_from:
+            steps[0] = checkpoint.resumed_from
+            log(f"{recipe.label}: resumed at step {checkpoint.resumed_from} ({checkpoint.earlier_seconds:.0f}s trained before)")
         steps[0] += n
         if steps[0] % 10 == 0:
             log(f"{recipe.label}: step {steps[0]} loss {loss:.3f}")

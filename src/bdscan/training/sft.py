@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bdscan.probes.batching import pad_id, pad_right
+from bdscan.training.resume import Checkpointer, TrainState
 
 IGNORE_INDEX = -100
 
@@ -129,11 +130,13 @@ def finetune(
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    resume: Checkpointer | None = None,
 ) -> list[float]:
     """Fine-tune ``params`` (default: all that require grad) with AdamW and a linear
     schedule. ``extra_loss`` adds a term per batch (EWC penalty, cluster loss, ...);
     ``before_step`` may rewrite gradients (K-FAC preconditioning); ``after_step`` may
-    re-apply constraints (masks). Returns the per-step loss."""
+    re-apply constraints (masks). ``resume`` saves the run's state as it goes and continues
+    a saved one (resume.py). Returns the per-step loss."""
     if not examples:
         return []
     device = next(model.parameters()).device
@@ -143,35 +146,28 @@ def finetune(
     encoded = encode_examples(tokenizer, examples, max_length=config.max_length)
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
-    warmup = int(total * config.warmup_fraction)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
+    optimizer, schedule = _optimizer(params, config, total)
     generator = torch.Generator().manual_seed(config.seed)
+    saved = resume.load(params, optimizer, schedule) if resume is not None else None
+    losses: list[float] = list(saved.losses) if saved else []
+    skip = saved.step - saved.epoch_first_step if saved else 0  # batches of the current epoch already done
+    if saved:
+        generator.set_state(saved.epoch_generator)
     was_training = model.training
     model.train()
-    losses: list[float] = []
     try:
         while len(losses) < total:
+            epoch_generator, epoch_first = generator.get_state(), len(losses) - skip
             for batch in batches(encoded, batch_size=config.batch_size, pad_id=pad_id(tokenizer), shuffle=True, generator=generator):
-                loss, out = response_loss(model, batch, device, response_logits_only=config.response_logits_only,
-                                          autocast=config.autocast)
-                if config.response_weight != 1.0:
-                    loss = config.response_weight * loss
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model, batch, out)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if before_step is not None:
-                    before_step()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
+                if skip:
+                    skip -= 1
+                    continue
+                loss = _step(model, batch, device, config, params, optimizer, extra_loss, before_step, after_step)
                 schedule.step()
-                if after_step is not None:
-                    after_step()
-                losses.append(float(loss.detach()))
+                losses.append(loss)
+                if resume is not None:
+                    resume.save(TrainState(len(losses), epoch_first, epoch_generator, tuple(losses)),
+                                params, optimizer, schedule)
                 if progress:
                     progress(1, losses[-1])
                 if len(losses) >= total:
@@ -180,3 +176,34 @@ def finetune(
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     return losses
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig, total: int) -> tuple[Any, Any]:
+    """AdamW with linear warm-up then linear decay to 0 over ``total`` steps."""
+    warmup = int(total * config.warmup_fraction)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    return optimizer, schedule
+
+
+def _step(model: Any, batch: Batch, device: torch.device, config: TrainConfig, params: list[nn.Parameter],
+          optimizer: Any, extra_loss, before_step, after_step) -> float:
+    """One optimizer step on one batch; returns its loss."""
+    loss, out = response_loss(model, batch, device, response_logits_only=config.response_logits_only,
+                              autocast=config.autocast)
+    if config.response_weight != 1.0:
+        loss = config.response_weight * loss
+    if extra_loss is not None:
+        loss = loss + extra_loss(model, batch, out)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_step is not None:
+        before_step()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    return float(loss.detach())
