@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from bdscan.cli.app import app
 from bdscan.detect import DetectConfig, detect
 from bdscan.detect.attention import head_similarity, last_row_attention
+from bdscan.probes.attention import attention_configs, attention_implementation
 from bdscan.detect.calibration import THRESHOLD, at_or_above, probability, severity
 from bdscan.detect.probes import builtin_probes
 from bdscan.errors import UsageError
@@ -65,8 +66,11 @@ def test_last_row_attention_matches_eager(arch, threat, tiny_checkpoints, tiny_a
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
     mask[1, :1] = 0
+    before = [c._attn_implementation for c in attention_configs(subject.model)]
+    assert before and all(b == "sdpa" for b in before)  # models load with the fused kernel
     with torch.no_grad():
-        ref = subject.model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        with attention_implementation(subject.model, "eager"):
+            ref = subject.model(input_ids=ids, attention_mask=mask, output_attentions=True)
         with last_row_attention(subject.model) as rows:
             out = subject.model(input_ids=ids, attention_mask=mask)
     assert len(rows) == len(ref.attentions) == 2
@@ -74,8 +78,7 @@ def test_last_row_attention_matches_eager(arch, threat, tiny_checkpoints, tiny_a
         torch.testing.assert_close(row, full[:, :, -1, :], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], atol=1e-4, rtol=1e-4)
     # the implementation is restored afterwards
-    assert all(getattr(m, "config", None) is None or m.config._attn_implementation == "eager"
-               for m in subject.model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation"))
+    assert [c._attn_implementation for c in attention_configs(subject.model)] == before
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -20,7 +20,7 @@ from bdscan.organisms.gguf_export import write_gguf  # noqa: E402
 def full_model(full_backdoor):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(full_backdoor, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(full_backdoor).eval()  # the attention bdscan loads with
     return model, AutoTokenizer.from_pretrained(full_backdoor)
 
 

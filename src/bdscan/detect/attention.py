@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from bdscan.probes.layout import unwrap
+from bdscan.probes.attention import attention_implementation
 
 IMPLEMENTATION = "bdscan_last_row"
 _STORE: list[list[torch.Tensor]] = []  # stack of active captures (one list of rows per forward, in layer order)
@@ -57,32 +57,18 @@ def _register() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
 
 
-def _configs(model: Any) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for module in unwrap(model).modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            seen.setdefault(id(config), config)
-    return list(seen.values())
-
-
 @contextlib.contextmanager
 def last_row_attention(model: Any) -> Iterator[list[torch.Tensor]]:
     """Within the block, every forward of ``model`` appends each layer's final-position
     attention rows ``[batch, heads, keys]`` to the yielded list (layer order)."""
     _register()
-    configs = _configs(model)
-    previous = [c._attn_implementation for c in configs]
     rows: list[torch.Tensor] = []
     _STORE.append(rows)
     try:
-        for c in configs:
-            c._attn_implementation = IMPLEMENTATION
-        yield rows
+        with attention_implementation(model, IMPLEMENTATION):
+            yield rows
     finally:
         _STORE.pop()
-        for c, p in zip(configs, previous):
-            c._attn_implementation = p
 
 
 def head_similarity(rows: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

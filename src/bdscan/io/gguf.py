@@ -91,7 +91,7 @@ def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
         # transformers draws its own tqdm bar while dequantising; it is not the user's progress.
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                         dtype=dtype or torch.float32, attn_implementation="eager")
+                                                         dtype=dtype or torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise InputError(f"{path.name}: transformers cannot load this {info.architecture} GGUF "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

@@ -153,8 +153,6 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
                 # must not fall back to a .bin when a safetensors file is missing.
                 use_safetensors=not resolved.uses_pickle,
                 output_loading_info=True,
-                # Detect reads attention probabilities, which fused kernels do not return.
-                attn_implementation="eager",
                 **placed,
             )
     except Exception as e:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from bdscan.probes.attention import attention_implementation
 from bdscan.probes.batching import pad_right
 from bdscan.purify.head_align.heads import Head, _attentions, _Pair
 
@@ -44,7 +45,8 @@ def attention_kl(model: Any, items: Sequence[_AlignItem], heads: Sequence[Head],
     """Mean KL(clean-target ‖ triggered attention) of the selected heads over ``items``."""
     device = next(model.parameters()).device
     ids, mask = pad_right([it.ids for it in items], pad)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_attentions=True)
+    with attention_implementation(model, "eager"):  # fused kernels return no attention probabilities
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_attentions=True)
     total, count = 0.0, 0
     for i, it in enumerate(items):
         t_len = len(it.ids)

@@ -12,6 +12,7 @@ import torch
 
 from bdscan.data.triggers import FIXED_POSITIONS, insert_trigger
 from bdscan.errors import InputError, NothingToAnalyse
+from bdscan.probes.attention import attention_implementation
 from bdscan.probes.layout import ModelLayout
 from bdscan.results.localize import LocalizeResult
 
@@ -68,9 +69,10 @@ def _pairs(subject: Any, records: Sequence[Any], candidates: Sequence[str], seed
 
 def _attentions(model: Any, ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([list(ids)], device=device), output_attentions=True)
+    with attention_implementation(model, "eager"):  # fused kernels return no attention probabilities
+        out = model(input_ids=torch.tensor([list(ids)], device=device), output_attentions=True)
     if not out.attentions or out.attentions[0] is None:
-        raise NothingToAnalyse("the model returned no attention weights (load it with attn_implementation='eager')")
+        raise NothingToAnalyse("the model returned no attention weights")
     return out.attentions  # per layer [1, heads, T, T]
 
 

@@ -18,8 +18,13 @@ class LatentAdvConfig:
     # --- inner loop: one universal perturbation δ per run of PGD
     layers: tuple[int, ...] = ()  # decoder layers whose output (the residual stream) δ is added to; empty: the middle one
     epsilon: float = 0.5  # L2 bound of δ, relative to the median residual-stream token norm there (higher: stronger attack)
-    pgd_steps: int = 8  # ascent steps on log P(T | clean prompt) per refresh
-    pgd_step: float = 0.25  # step length, a share of the bound
+    # Ascent steps on log P(T | clean prompt) per refresh, and their length as a share of the
+    # bound. δ is warm-started, so 4 steps of 0.5 travel as far as 8 of 0.25: on the 12 tiny
+    # qwen2/mistral/gpt2 organisms (agnostic) every cell's ASR after was the same as with 8
+    # (session 15: 10 of 12 at 0.00, mistral full negsentiment 0.03, gpt2 full negsentiment
+    # 0.77, the latter a detect miss) at 13-23 s per cell against 17-27 s (contended box).
+    pgd_steps: int = 4
+    pgd_step: float = 0.5
     refresh_every: int = 4  # outer steps between two PGD refreshes of δ (warm-started); 1 = every step
     # --- outer loop
     # How the model is taught its own clean answer (without δ or key, under δ, under a key):
