@@ -58,8 +58,10 @@ def main() -> None:
             continue
         t0 = time.time()
         path = build_organism(recipe, log=lambda m: console.print(f"[dim]{m}[/]"))
-        # A cached organism reports the time its build took, not the lookup.
-        build_seconds = organism_info(path).get("seconds", time.time() - t0)
+        # A cached organism reports the time its build took (every session's, when it was
+        # resumed after a stop), not the lookup.
+        info = organism_info(path)
+        build_seconds = info.get("seconds", time.time() - t0)
         data = recipe.base.data.load()
         subject = load_subject(path)
         spec = EvalSpec(clean=data.clean_test[: args.limit], poison=data.poison_test[: args.limit], judge=data.task,
@@ -69,6 +71,7 @@ def main() -> None:
         base_ppl = base_perplexity(recipe, spec.clean, base_ppls)
         rows.append({"organism": recipe.label, "path": str(path), "backdoored": recipe.backdoored,
                      "threat": recipe.threat, "params": params, "build_seconds": round(build_seconds, 1),
+                     "resumed_from_step": info.get("resumed_from_step", 0),
                      "asr": result.asr, "false_trigger_rate": result.false_trigger_rate,
                      "perplexity": result.perplexity, "base_perplexity": base_ppl,
                      "perplexity_ratio": result.perplexity / base_ppl if result.perplexity and base_ppl else None,
