@@ -189,7 +189,8 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig, total: int) -> t
 
 
 def _step(model: Any, batch: Batch, device: torch.device, config: TrainConfig, params: list[nn.Parameter],
-          optimizer: Any, extra_loss, before_step, after_step) -> float:
+          optimizer: Any, extra_loss: Callable[[Any, Batch, Any], torch.Tensor] | None,
+          before_step: Callable[[], None] | None, after_step: Callable[[], None] | None) -> float:
     """One optimizer step on one batch; returns its loss."""
     loss, out = response_loss(model, batch, device, response_logits_only=config.response_logits_only,
                               autocast=config.autocast)
