@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 from bdscan.cli.app import app
 from bdscan.detect import DetectConfig, detect
 from bdscan.detect.attention import head_similarity, last_row_attention
-from bdscan.probes.attention import attention_configs, attention_implementation
 from bdscan.detect.calibration import THRESHOLD, at_or_above, probability, severity
 from bdscan.detect.probes import builtin_probes
 from bdscan.errors import UsageError
 from bdscan.io import load_subject
+from bdscan.organisms.architectures import tiny_model
+from bdscan.probes.attention import attention_configs, attention_implementation
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 FAST = DetectConfig(max_probes=4, screen_probes=2, screen_size=48, top_k=3, ngram_from=2, n_controls=4, batch_size=32,
@@ -79,6 +80,16 @@ def test_last_row_attention_matches_eager(arch, threat, tiny_checkpoints, tiny_a
     torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], atol=1e-4, rtol=1e-4)
     # the implementation is restored afterwards
     assert [c._attn_implementation for c in attention_configs(subject.model)] == before
+
+
+def test_attention_switch_restores_the_implementation_even_on_error():
+    model = tiny_model("llama", 32)
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError):
+        with attention_implementation(model, "eager"):
+            assert {c._attn_implementation for c in attention_configs(model)} == {"eager"}
+            raise RuntimeError("a failing analysis")
+    assert {c._attn_implementation for c in attention_configs(model)} == {"sdpa"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

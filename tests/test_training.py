@@ -113,3 +113,4 @@ def test_a_stop_between_the_two_renames_resumes_from_the_old_state(tmp_path):
     checkpoint = Checkpointer(tmp_path / "state", "run-a", every_seconds=0)
     _train(tiny_model("llama", 64), checkpoint)
     assert checkpoint.resumed_from == 3
+
