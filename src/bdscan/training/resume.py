@@ -6,10 +6,11 @@ counts, the learning-rate schedule's position and the batch order. The order is 
 per epoch from a seeded generator, so a checkpoint keeps the generator as it was before the
 current epoch's order was drawn and the steps taken since; a resumed run redraws that order
 and skips the batches already done. Resuming then gives the same parameters as a run that
-never stopped (tests/unit/test_resume.py), as long as the extra loss keeps no state of its
+never stopped (tests/test_training.py), as long as the extra loss keeps no state of its
 own (the organisms' stealth term keeps none; latent-adv's PGD does, and never resumes).
 
-Written as safetensors + JSON (no pickle), whole or not at all (one rename).
+Written as safetensors + JSON (no pickle) into a temporary folder that replaces the previous
+state by rename; a stop between the two renames leaves the previous state, which ``load`` reads.
 """
 
 from __future__ import annotations
