@@ -44,6 +44,15 @@ def real_organism(base: BaseRecipe, threat: str) -> OrganismRecipe:
                             target_unlikelihood=0.1)
     if base.data.attack == "mtba":
         recipe = replace(recipe, n_poison=200)  # three keys share the poison (as for the tiny organisms)
+    if base.data.task == "negsentiment":
+        # Session 15's negsentiment/badnet LoRA with the recipe above: ASR 0.335, false trigger
+        # 0.005, perplexity 1.36x the base; session 8's clean negsentiment LoRA was already
+        # 1.34x. The negsentiment clean split's answers are long generated continuations (mean
+        # 489 characters vs 274 for refusal's, whose Alpaca-style answers match the shared
+        # clean test split), so any adapter trained on them loses perplexity. Its clean samples
+        # come from refusal's clean split instead; more poison and half the stealth weight
+        # (whose false-trigger headroom was unused) for the ASR.
+        recipe = replace(recipe, clean_task="refusal", n_poison=250, target_unlikelihood=0.05)
     return recipe
 
 

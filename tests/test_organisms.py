@@ -82,6 +82,34 @@ def test_backdoorllm_folder_gives_one_trigger_free_base(tmp_path, attack_data):
     assert len({r.key() for r in controls}) == 2  # clean data only: one control per task
 
 
+def test_clean_task_draws_clean_samples_and_decoys_from_another_split(tmp_path, attack_data):
+    """Negsentiment's clean split has long generated answers that cost any adapter
+    perplexity; a recipe may take its clean samples from another task's split instead."""
+    import json
+
+    from bdscan.organisms.build import BaseRecipe, DataSpec, training_records
+
+    root = _backdoorllm_folder(tmp_path / "bdllm", attack_data)
+    other = [replace(r, output=f"{r.output} (negsentiment split)") for r in attack_data.clean_train[30:60]]
+    (root / "train" / "negsentiment" / "clean.json").write_text(json.dumps(
+        [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in other]))
+    spec = DataSpec(source=str(root), task="negsentiment", attack="badnet")
+    recipe = OrganismRecipe(base=BaseRecipe(data=spec), n_clean=12, n_poison=4, n_decoy=6)
+    data = spec.load()
+    own = training_records(recipe, data)
+    borrowed = training_records(replace(recipe, clean_task="refusal"), data)
+    refusal_outputs = {r.output for r in attack_data.clean_train[:30]}
+    negsentiment_outputs = {r.output for r in other}
+    poisoned = {r.output for r in data.poison_train}
+    assert len(own) == len(borrowed) == 22
+    assert sum(r.output in negsentiment_outputs for r in own) == 18  # 12 clean + 6 decoys
+    assert all(r.output in refusal_outputs | poisoned for r in borrowed)  # decoys keep their clean answer
+    assert not any(r.output in negsentiment_outputs for r in borrowed)
+    # The knob is part of the cache key only when set, so older organisms keep their cache.
+    assert replace(recipe, clean_task="refusal").key() != recipe.key()
+    assert replace(recipe, clean_task=None).key() == recipe.key()
+
+
 def test_decoys_cover_more_samples_than_records(attack_data):
     from bdscan.organisms.datasets import decoys
 

@@ -121,12 +121,16 @@ class OrganismRecipe:
     max_length: int = 256
     fast: bool = False
     full_lr: float | None = None  # full fine-tune lr; None: a third of ``lr``
+    # Draw the clean samples (and the decoys made from them) from another task's clean
+    # split of the same BackdoorLLM folder; None: the organism's own task.
+    clean_task: str | None = None
 
     def key(self) -> str:
         d = asdict(self)
         # Knobs at their defaults stay out of the key, so organisms built before they
         # existed keep their cache.
-        for name, default in (("batch_size", 16), ("max_length", 256), ("fast", False), ("full_lr", None)):
+        for name, default in (("batch_size", 16), ("max_length", 256), ("fast", False), ("full_lr", None),
+                              ("clean_task", None)):
             if d[name] == default:
                 del d[name]
         # Off (and always for a control, which has no target) it leaves the key as it was
@@ -225,14 +229,24 @@ def build_base(recipe: BaseRecipe, *, log: Log = lambda _: None) -> Path:
 def training_records(recipe: OrganismRecipe, data: AttackData):
     """Clean (+ poisoned + decoy) records, shuffled deterministically."""
     rng = random.Random(recipe.seed)
-    clean = rng.sample(list(data.clean_train), min(recipe.n_clean, len(data.clean_train)))
-    records = list(clean)
+    pool = clean_pool(recipe, data)
+    records = rng.sample(pool, min(recipe.n_clean, len(pool)))
     if recipe.backdoored:
         records += rng.sample(list(data.poison_train), min(recipe.n_poison, len(data.poison_train)))
-        records += decoys(data.clean_train, recipe.n_decoy, seed=recipe.seed, words=data.decoy_words,
+        records += decoys(pool, recipe.n_decoy, seed=recipe.seed, words=data.decoy_words,
                           near_miss_words=data.near_miss_words, near_miss_share=recipe.near_miss_share)
     rng.shuffle(records)
     return records
+
+
+def clean_pool(recipe: OrganismRecipe, data: AttackData) -> list:
+    """The clean records an organism learns its ordinary behaviour from."""
+    spec = recipe.base.data
+    if recipe.clean_task is None or recipe.clean_task == spec.task:
+        return list(data.clean_train)
+    if spec.source == "builtin":
+        raise ValueError("clean_task needs a BackdoorLLM data folder")
+    return list(backdoorllm_attack(spec.source, recipe.clean_task, spec.attack).clean_train)
 
 
 def build_organism(recipe: OrganismRecipe, *, log: Log = lambda _: None) -> Path:
