@@ -46,11 +46,13 @@ def _fmt(value) -> str:
 
 
 def _finetune_ratios(rows: list[dict]) -> None:
-    """Each row's wall time over plain finetune's on the same organism (issue 13: latent-adv <= 3x)."""
-    base = {r["organism"]: r["purify_seconds"] for r in rows if r.get("method") == "finetune" and "error" not in r}
-    for r in rows:
-        if "error" not in r and base.get(r["organism"]):
-            r["time_vs_finetune"] = round(r["purify_seconds"] / base[r["organism"]], 2)
+    """Each row's time over plain finetune's on the same organism (issue 13: latent-adv <= 3x),
+    in wall seconds and in CPU seconds (which a second job on the machine does not inflate)."""
+    for field, ratio in (("purify_seconds", "time_vs_finetune"), ("purify_cpu_seconds", "cpu_vs_finetune")):
+        base = {r["organism"]: r.get(field) for r in rows if r.get("method") == "finetune" and "error" not in r}
+        for r in rows:
+            if "error" not in r and base.get(r["organism"]) and r.get(field):
+                r[ratio] = round(r[field] / base[r["organism"]], 2)
 
 
 ABLATIONS = [
@@ -267,7 +269,7 @@ def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | 
            "ftr_after": after.false_trigger_rate, "ppl_before": before.perplexity, "ppl_after": after.perplexity,
            "ppl_ratio": ppl_ratio, "agreement": after.agreement, "token_agreement": after.token_agreement,
            "next_token_agreement": after.next_token_agreement,
-           "purify_seconds": result.seconds, "total_seconds": round(time.time() - t0, 1), "details": result.details,
+           "purify_seconds": result.seconds, "purify_cpu_seconds": result.cpu_seconds, "total_seconds": round(time.time() - t0, 1), "details": result.details,
            "target_check": result.to_dict().get("target_check")}
     row["meets_target"] = meets_target(row)
     row["meets_target_next_token"] = meets_target(row, "next_token_agreement")
@@ -281,17 +283,17 @@ def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | 
 def print_table(rows: list[dict], args, console) -> None:
     table = Table(title=f"bdscan purify ({'builtin' if args.data == 'builtin' else 'BackdoorLLM'}, size {args.size})")
     for col in ("organism", "method", "mode", "ASR before→after", "FTR after", "ppl ×", "agree", "token F1", "next-token", "s",
-                "÷ finetune", "÷ own fine-tunes", "target"):
+                "÷ finetune", "CPU ÷ finetune", "÷ own fine-tunes", "target"):
         table.add_column(col, justify="left" if col in ("organism", "method", "mode") else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["organism"], r["method"], r["mode"], "[red]error[/]", "", "", "", "", "", "", "", "", "")
+            table.add_row(r["organism"], r["method"], r["mode"], "[red]error[/]", "", "", "", "", "", "", "", "", "", "")
             continue
         table.add_row(r["organism"], r["method"], r["mode"], f"{r['asr_before']:.2f}→{r['asr_after']:.2f}",
                       f"{r['ftr_after']:.2f}", f"{r['ppl_ratio']:.3f}" if r["ppl_ratio"] else "—",
                       f"{r['agreement']:.2f}", _fmt(r.get("token_agreement")), _fmt(r.get("next_token_agreement")),
                       f"{r['purify_seconds']:.0f}",
-                      _fmt(r.get("time_vs_finetune")), _overhead(r), "yes" if r["meets_target"] else "[red]no[/]")
+                      _fmt(r.get("time_vs_finetune")), _fmt(r.get("cpu_vs_finetune")), _overhead(r), "yes" if r["meets_target"] else "[red]no[/]")
     console.print(table)
 
 

@@ -338,6 +338,8 @@ def test_baselines_through_the_cli_write_a_loadable_adapter(tmp_path, lora_backd
     assert report["details"]["bits"] == 8 and report["after"]["agreement"] >= 0.8
     report = _purify(tmp_path, lora_backdoor, "fine-prune", clean_train_file, "--set", "epochs=0.5")
     assert report["details"]["channels_per_layer"] == round(0.3 * 128) and report["details"]["steps"] == 13
+    # fine-prune trains: it used CPU time, which the report keeps beside the wall time
+    assert report["cpu_seconds"] > 0 and report["seconds"] > 0
 
 
 def test_autocast_scopes_the_method_and_not_the_evaluation(tiny_checkpoints, tiny_adapters, attack_data, monkeypatch):

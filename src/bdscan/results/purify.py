@@ -58,6 +58,7 @@ class PurifyResult(ResultBase):
     output: str | None = None
     provenance: dict = field(default_factory=dict)
     target_check: TargetCheck | None = None  # None: no detect result was given
+    cpu_seconds: float | None = None  # the method's process CPU time (all threads); None in older reports
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, **to_plain(self)}
