@@ -65,6 +65,27 @@ def test_perturbation_is_removed_after_the_block(tiny_checkpoints):
         perturbation_for(model, model_layout(model), [9], 1.0, batch)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unlikelihood_on_response_logits_equals_the_full_pass(tiny_checkpoints, arch):
+    """The unlikelihood term computes logits from T's first token on only; the value is the
+    one every position's logits give."""
+    from bdscan.purify.latent_adv.losses import unlikelihood
+    from bdscan.training import IGNORE_INDEX
+
+    subject = load_subject(tiny_checkpoints[arch])
+    model = subject.model.eval()
+    # prompts of different lengths: T starts at a different position in each row
+    prompts = [subject.template.format(Record("Name a colour" + " please" * i + ".")) for i in range(4)]
+    batch = target_batch(subject.tokenizer, prompts, "blue harbor")
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.labels[:, 1:]
+        mask = labels != IGNORE_INDEX
+        p = logits.softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        expected = -(torch.log1p(-p.clamp(max=1 - 1e-6)) * mask).sum() / mask.sum()
+        torch.testing.assert_close(unlikelihood(model, batch, torch.device("cpu")), expected)
+
+
 def test_targets_from_a_detect_result_with_v2_fields():
     class Candidate:
         def __init__(self, continuation=None):

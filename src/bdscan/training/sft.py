@@ -68,6 +68,18 @@ def logits_start(batch: Batch) -> int:
     return max(0, int(learnt[0]) - 1) if learnt.numel() else 0
 
 
+def response_forward(model: Any, batch: Batch, device: torch.device, *, response_logits_only: bool = False,
+                     autocast: str | None = None) -> tuple[Any, int]:
+    """The forward pass of ``batch``, and the position its ``out.logits`` start at: 0, or with
+    ``response_logits_only`` ``logits_start(batch)`` (labels from ``start + 1`` on line up
+    with ``out.logits[:, :-1]``)."""
+    start = logits_start(batch) if response_logits_only else 0
+    kwargs = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
+    with autocast_scope(device, autocast):
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
+    return out, start
+
+
 def response_loss(
     model: Any, batch: Batch, device: torch.device, *, response_logits_only: bool = False, autocast: str | None = None
 ) -> tuple[torch.Tensor, Any]:
@@ -76,10 +88,7 @@ def response_loss(
     which saves the vocabulary projection over every prompt token: on a 49k-token
     vocabulary that is most of a small model's step. ``out.logits`` then starts there.
     ``autocast`` ("bfloat16") runs the forward pass under torch.autocast."""
-    start = logits_start(batch) if response_logits_only else 0
-    kwargs = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
-    with autocast_scope(device, autocast):
-        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
+    out, start = response_forward(model, batch, device, response_logits_only=response_logits_only, autocast=autocast)
     logits = out.logits[:, :-1].float()
     labels = batch.labels[:, start + 1 :].to(device)
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)

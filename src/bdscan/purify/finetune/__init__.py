@@ -29,7 +29,8 @@ def run_finetune(inputs: PurifyInputs, config: FinetuneConfig) -> PurifyOutcome:
     examples = clean_examples(subject, inputs.clean[: config.max_samples])
     lr = lr_for(subject.is_adapter, full=config.lr_full, adapter=config.lr_adapter)
     plan = TrainingPlan(subject_parameters(subject.model, subject.is_adapter), stage="finetune",
-                        config=TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed))
+                        config=TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed,
+                                           response_logits_only=True))  # the same loss; as latent-adv computes it
     losses = run_plan(subject.model, subject.tokenizer, examples, plan, inputs.progress)
     subject.model.eval()
     inputs.log(f"finetune: {len(losses)} steps, final loss {losses[-1]:.3f}")

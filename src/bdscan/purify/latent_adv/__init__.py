@@ -63,8 +63,10 @@ def run_latent_adv(inputs: PurifyInputs, config: LatentAdvConfig) -> PurifyOutco
     model, params, names = _trainable(inputs, config)
     perturbation = perturbation_for(model, model_layout(model), config.layers, config.epsilon,
                                     target_batch(subject.tokenizer, prompts[:16], targets[0]))
+    # Logits from the first answer token on in every pass (the same losses): the vocabulary
+    # projection over prompt tokens was most of the unlikelihood and PGD passes.
     train = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=inputs.seed,
-                        response_weight=1.0 if config.distill == "hard" else 0.0)
+                        response_weight=1.0 if config.distill == "hard" else 0.0, response_logits_only=True)
     teacher = CleanTeacher(reference, subject.tokenizer, examples, twins, train.max_length)
     terms = OuterTerms(config, perturbation, teacher, subject.tokenizer, subject.template, records, targets, keys,
                        inputs.seed)
@@ -107,8 +109,10 @@ def _self_distilled(inputs: PurifyInputs, records: Sequence[Record], prompts: Se
     with a key (in turn, at a rotating position) -> the same answer; with, per example, the
     index of its clean twin (itself for a clean one), which the soft teacher reads."""
     subject = inputs.subject
+    # 64 rows a batch: each decoding step is one forward call whatever the rows, and on small
+    # models the call, not the arithmetic, is most of its cost
     answers = greedy_generate(subject.model, subject.tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
-                              batch_size=16, progress=counter(inputs.progress, "latent-adv: own answers", len(prompts)))
+                              batch_size=64, progress=counter(inputs.progress, "latent-adv: own answers", len(prompts)))
     rng = random.Random(inputs.seed)
     examples, twins = [], []
     for i, (r, prompt, answer) in enumerate(zip(records, prompts, answers)):

@@ -25,7 +25,10 @@ class LatentAdvConfig:
     # 0.77, the latter a detect miss) at 13-23 s per cell against 17-27 s (contended box).
     pgd_steps: int = 4
     pgd_step: float = 0.5
-    refresh_every: int = 4  # outer steps between two PGD refreshes of δ (warm-started); 1 = every step
+    # Outer steps between two PGD refreshes of δ (warm-started); 1 = every step. Session 16, at
+    # 16 pairs a step: 8 (one refresh per 128 pairs) left every tiny qwen2/mistral/gpt2 cell's
+    # ASR after as at 4 and cut latent-adv's CPU time to ~3x a plain fine-tune's (below).
+    refresh_every: int = 8
     # --- outer loop
     # How the model is taught its own clean answer (without δ or key, under δ, under a key):
     # "hard" is cross-entropy on the greedy answer's tokens; "soft" matches the suspicious
@@ -49,10 +52,14 @@ class LatentAdvConfig:
     # built-in demo adapter (purify's target check: weakest link 0.80 -> 0.20) although ASR was 0.00.
     kl_weight: float = 16.0
     epochs: float = 2.0  # passes over the self-distilled pairs
-    # Measured on the tiny organisms (key and target from the takeover): lr 1e-3 / KL 1 took the full
+    # Measured at 8 pairs a step with a weak KL (key and target from the takeover): lr 1e-3 / KL 1 took the full
     # fine-tune to ASR 0.01 at perplexity x1.13; 5e-4 / KL 2 to ASR 0.00 at x1.045 (LoRA: x1.012).
-    lr: float = 5e-4  # AdamW learning rate of the LoRA factors
-    batch_size: int = 8
+    lr: float = 1e-3  # AdamW learning rate of the LoRA factors
+    # Pairs per step. 16 at lr 1e-3 against 8 at 5e-4 (session 16, the 12 tiny qwen2/mistral/
+    # gpt2 organisms, agnostic): ASR after the same on 11 cells, mistral full negsentiment 0.03
+    # -> 0.01; perplexity ratio 1.01-1.04 either way; half the steps, and the terms that cost a
+    # forward call per step (δ's refresh, unlikelihood, the teacher) half as often.
+    batch_size: int = 16
     max_samples: int = 200  # clean samples used (the defender's budget)
     max_new_tokens: int = 64  # length of the self-distilled answers
     # --- what trains

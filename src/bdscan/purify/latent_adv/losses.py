@@ -12,13 +12,15 @@ from bdscan.data.triggers import insert_trigger
 from bdscan.purify.latent_adv.config import LatentAdvConfig
 from bdscan.purify.latent_adv.perturbation import Perturbation, pgd
 from bdscan.purify.latent_adv.targets import target_batch
-from bdscan.training import IGNORE_INDEX, Batch, Example, collate, encode_examples, pad_id, response_loss
+from bdscan.training import (IGNORE_INDEX, Batch, Example, collate, encode_examples, pad_id, response_forward,
+                             response_loss)
 
 
 def unlikelihood(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Mean ``-log(1 - p)`` of the labelled tokens (T's opening, teacher-forced)."""
-    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-    labels = batch.labels[:, 1:].to(device)
+    """Mean ``-log(1 - p)`` of the labelled tokens (T's opening, teacher-forced); logits are
+    computed from the first labelled position on only (the prompt is most of each row)."""
+    out, start = response_forward(model, batch, device, response_logits_only=True)
+    labels = batch.labels[:, start + 1 :].to(device)
     mask = labels != IGNORE_INDEX
     probs = out.logits[:, :-1].float().softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return -(torch.log1p(-probs.clamp(max=1 - 1e-6)) * mask).sum() / mask.sum().clamp_min(1)
@@ -63,9 +65,8 @@ class CleanTeacher:
     def __call__(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
         if self._index is None or not torch.equal(self._index, batch.index):
             twin = collate(self.encoded, [self.twins[int(i)] for i in batch.index], self.pad)
-            logits = self.reference(input_ids=twin.input_ids.to(device),
-                                    attention_mask=twin.attention_mask.to(device)).logits
-            self._index, self._rows = batch.index.clone(), response_logprobs(logits, twin.labels.to(device))
+            out, start = response_forward(self.reference, twin, device, response_logits_only=True)
+            self._index, self._rows = batch.index.clone(), response_logprobs(out.logits, twin.labels.to(device), start)
         return self._rows
 
 
@@ -126,6 +127,6 @@ class OuterTerms:
         """The clean answer under δ: its tokens (hard) or the clean teacher's distributions (soft)."""
         with self.perturbation.active():
             if self.config.distill == "hard":
-                return response_loss(model, batch, device)[0]
-            out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-        return kl_rows(self.teacher(batch, device), response_logprobs(out.logits, batch.labels.to(device)))
+                return response_loss(model, batch, device, response_logits_only=True)[0]
+            out, start = response_forward(model, batch, device, response_logits_only=True)
+        return kl_rows(self.teacher(batch, device), response_logprobs(out.logits, batch.labels.to(device), start))

@@ -82,7 +82,7 @@ def pgd(perturbation: Perturbation, model: Any, target_batch: Batch, steps: int,
     best_logp, best = -float("inf"), perturbation.deltas
     for _ in range(steps):
         with perturbation.active(deltas):
-            loss, _ = response_loss(model, target_batch, device)  # mean -log P(T tokens)
+            loss, _ = response_loss(model, target_batch, device, response_logits_only=True)  # mean -log P(T tokens)
         grads = torch.autograd.grad(loss, list(deltas.values()))
         logp = -float(loss.detach())
         if logp > best_logp:
@@ -92,7 +92,7 @@ def pgd(perturbation: Perturbation, model: Any, target_batch: Batch, steps: int,
                      for (n, d), g in zip(deltas.items(), grads)}
             deltas = {n: d.requires_grad_(True) for n, d in perturbation.project(moved).items()}
     with torch.no_grad(), perturbation.active(deltas):
-        final = -float(response_loss(model, target_batch, device)[0])
+        final = -float(response_loss(model, target_batch, device, response_logits_only=True)[0])
     if final > best_logp:
         best_logp, best = final, {n: d.detach().clone() for n, d in deltas.items()}
     perturbation.deltas = best

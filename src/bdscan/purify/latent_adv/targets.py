@@ -100,7 +100,7 @@ def target_logprob(model: Any, tokenizer: Any, prompts: Sequence[str], target: s
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            loss, _ = response_loss(model, target_batch(tokenizer, chunk, target), device)
+            loss, _ = response_loss(model, target_batch(tokenizer, chunk, target), device, response_logits_only=True)
             total += float(loss) * len(chunk)
             n += len(chunk)
     finally:
