@@ -86,6 +86,26 @@ def test_unlikelihood_on_response_logits_equals_the_full_pass(tiny_checkpoints, 
         torch.testing.assert_close(unlikelihood(model, batch, torch.device("cpu")), expected)
 
 
+def test_perturbation_on_some_rows_matches_separate_passes(tiny_checkpoints):
+    """The fused unlikelihood pass: rows with δ read as they would alone under δ, rows
+    without it as they would without δ."""
+    subject = load_subject(tiny_checkpoints["llama"])
+    model = subject.model.eval()
+    batch = target_batch(subject.tokenizer, _prompts(subject)[:4], "blue harbor")
+    delta = perturbation_for(model, model_layout(model), [1], 1.0, batch)
+    delta.deltas = {n: torch.randn_like(d) for n, d in delta.deltas.items()}
+
+    def logits(**active):
+        with torch.no_grad(), delta.active(**active):
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    plain, perturbed = logits(rows=torch.zeros(4, dtype=torch.bool)), logits()
+    mixed = logits(rows=torch.tensor([True, False, True, False]))
+    torch.testing.assert_close(mixed[[0, 2]], perturbed[[0, 2]])
+    torch.testing.assert_close(mixed[[1, 3]], plain[[1, 3]])
+    assert not torch.allclose(perturbed, plain)
+
+
 def test_targets_from_a_detect_result_with_v2_fields():
     class Candidate:
         def __init__(self, continuation=None):

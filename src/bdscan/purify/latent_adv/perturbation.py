@@ -23,14 +23,19 @@ class Perturbation:
         self.deltas = {n: torch.zeros(hidden) for n in self.names}
 
     @contextlib.contextmanager
-    def active(self, deltas: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
-        """Add δ (or the given tensors, e.g. ones that require grad) to the layers' outputs."""
+    def active(self, deltas: dict[str, torch.Tensor] | None = None, rows: torch.Tensor | None = None) -> Iterator[None]:
+        """Add δ (or the given tensors, e.g. ones that require grad) to the layers' outputs;
+        with ``rows`` (a boolean per batch row) only to those rows, so that terms with and
+        without δ can share one forward pass."""
         use = deltas if deltas is not None else self.deltas
 
         def make(name: str):
             def hook(_module, _args, output):
                 hidden = output[0] if isinstance(output, tuple) else output
-                return replace_output(output, hidden + use[name].to(hidden.dtype))
+                delta = use[name].to(hidden.dtype)
+                if rows is not None:
+                    delta = delta * rows.to(device=hidden.device, dtype=hidden.dtype)[:, None, None]
+                return replace_output(output, hidden + delta)
 
             return hook
 
