@@ -27,7 +27,8 @@ class LatentAdvConfig:
     pgd_step: float = 0.5
     # Outer steps between two PGD refreshes of δ (warm-started); 1 = every step. Session 16, at
     # 16 pairs a step: 8 (one refresh per 128 pairs) left every tiny qwen2/mistral/gpt2 cell's
-    # ASR after as at 4 and cut latent-adv's CPU time to ~3x a plain fine-tune's (below).
+    # ASR after as at 4; with the changes below, latent-adv's CPU time is 2.6-3.7x a plain
+    # fine-tune's, median 3.1x (bench/results/purify-tiny-archs-s16.json; session 15: ~4.5x).
     refresh_every: int = 8
     # --- outer loop
     # How the model is taught its own clean answer (without δ or key, under δ, under a key):
