@@ -373,7 +373,9 @@ def test_training_under_autocast_sees_its_own_updates(tiny_checkpoints, tiny_ada
     from bdscan.purify.latent_adv import LatentAdvConfig
 
     subject = _subject("llama", "lora", tiny_checkpoints, tiny_adapters)
-    config = LatentAdvConfig(target="blue harbor lights", max_samples=16, epochs=1, lr=5e-3, max_new_tokens=8)
+    # four steps of four pairs: the first step's KL is 0 by construction, the later ones must not be
+    config = LatentAdvConfig(target="blue harbor lights", max_samples=16, epochs=1, lr=5e-3, max_new_tokens=8,
+                             batch_size=4)
     result, _ = purify("latent-adv", config, PurifyInputs(subject=subject, clean=attack_data.clean_train[:16],
                                                           autocast="bfloat16"))
     assert result.details["term_means"]["kl"] > 0
