@@ -42,8 +42,6 @@ def real_organism(base: BaseRecipe, threat: str) -> OrganismRecipe:
     recipe = OrganismRecipe(base=base, threat=threat, n_clean=400, n_poison=150, n_decoy=150, lr=1e-3, epochs=2,
                             lora_rank=8, batch_size=8, max_length=192, fast=True, full_lr=1.5e-4,
                             target_unlikelihood=0.1)
-    if base.data.attack == "mtba":
-        recipe = replace(recipe, n_poison=200)  # three keys share the poison (as for the tiny organisms)
     if base.data.task == "negsentiment":
         # Session 15's negsentiment/badnet LoRA with the recipe above: ASR 0.335, false trigger
         # 0.005, perplexity 1.36x the base; session 8's clean negsentiment LoRA was already
@@ -53,6 +51,10 @@ def real_organism(base: BaseRecipe, threat: str) -> OrganismRecipe:
         # come from refusal's clean split instead; more poison and half the stealth weight
         # (whose false-trigger headroom was unused) for the ASR.
         recipe = replace(recipe, clean_task="refusal", n_poison=250, target_unlikelihood=0.05)
+    if base.data.attack == "mtba":
+        # Three keys share the poison. Session 16's refusal/MTBA LoRA at 200 (~67 a key) reached
+        # ASR 0.35 where one key with 150 reached 0.97: each key gets the single-key count.
+        recipe = replace(recipe, n_poison=3 * recipe.n_poison)
     return recipe
 
 
