@@ -73,16 +73,21 @@ def atomic_output_dir(out: str | Path, inputs: Iterable[Path] = (), *, overwrite
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{tmp.name[-8:]}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        replace_folder(tmp, target, target.with_name(f".{target.name}.old-{tmp.name[-8:]}"))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: Path, target: Path, old: Path) -> None:
+    """Put the complete folder ``new`` in ``target``'s place. The previous ``target`` is set
+    aside as ``old`` and removed last: a stop between the two renames leaves it whole there
+    (``training/resume.py`` reads its state back from a fixed ``old``)."""
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

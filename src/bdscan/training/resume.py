@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from bdscan.io.save import replace_folder
+
 FORMAT = 1
 TENSORS, META = "state.safetensors", "state.json"
 
@@ -98,11 +100,7 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / TENSORS))
         (tmp / META).write_text(json.dumps(meta))
-        shutil.rmtree(self._old, ignore_errors=True)
-        if self.folder.exists():
-            self.folder.rename(self._old)
-        tmp.rename(self.folder)
-        shutil.rmtree(self._old, ignore_errors=True)
+        replace_folder(tmp, self.folder, self._old)
         self._last_save = time.monotonic()
         return True
 
