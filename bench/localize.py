@@ -100,7 +100,22 @@ def restoration(subject, info: dict, loc: dict, spec, args) -> dict:
                removal_top_linear=removal(before, linear_asr), asr_random_draws=random_asr,
                removal_top=removal(before, top_asr), removal_random=removal(before, mean_random))
     row["meets_target"] = row["removal_top"] is not None and row["removal_top"] >= 0.9
+    if args.curve:
+        row["curve"] = removal_curve(asr_without, modules, before, args.curve, rng)
     return row
+
+
+def removal_curve(asr_without, modules: list[dict], before: float, sizes: list[int], rng: random.Random) -> list[dict]:
+    """ASR with the top k modules restored, beside k random modules of the same kinds (one
+    draw), for each k: how many modules the backdoor is spread over, where the top-5 alone
+    says only that five are not enough (the real negsentiment/badnet LoRA: 6 % of 210)."""
+    points = []
+    for k in sorted(set(min(k, len(modules)) for k in sizes)):
+        top = [m["name"] for m in modules[:k]]
+        top_asr, random_asr = asr_without(top), asr_without(same_kind_random(modules, modules[:k], rng))
+        points.append(dict(k=k, of=len(modules), asr_top=top_asr, asr_random=random_asr,
+                           removal_top=removal(before, top_asr), removal_random=removal(before, random_asr)))
+    return points
 
 
 def same_kind_random(modules: list[dict], top: list[dict], rng: random.Random) -> list[str]:
@@ -128,6 +143,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=24, help="localization pairs")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--random-draws", type=int, default=5)
+    parser.add_argument("--curve", type=lambda v: [int(k) for k in v.split(",") if k], default=[],
+                        help="comma list of k: also restore the top k (and k random) modules for each")
     parser.add_argument("--only", default=None, help="substring filter on organism labels")
     parser.add_argument("--no-repair", action="store_true", help="localization only")
     parser.add_argument("--seed", type=int, default=0)
@@ -198,6 +215,11 @@ def print_tables(loc_rows: list[dict], repair_rows: list[dict], args, console) -
                       f"{r['asr_top_linear_restored']:.2f}",
                       f"{r['localize_seconds']:.1f}", f"{r['kfac_cost_ratio']}x", "yes" if r["meets_target"] else "[red]no[/]")
     console.print(table)
+    for r in loc_rows:
+        for point in r.get("curve", []):
+            console.print(f"{r['organism']}: top {point['k']} of {point['of']} restored: ASR {point['asr_top']:.2f} "
+                          f"({100 * (point['removal_top'] or 0):.0f}% removed); {point['k']} random: "
+                          f"{point['asr_random']:.2f} ({100 * (point['removal_random'] or 0):.0f}%)")
     if repair_rows:
         table = Table(title="repair: kfac-lora vs finetune (same clean samples, same step budget)")
         for col in ("organism", "method", "ASR before→after", "FTR after", "ppl ×", "agreement", "purify s", "target met"):
