@@ -97,6 +97,18 @@ def test_threads_is_a_setting(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_large_freed_blocks_go_back_to_the_system_on_glibc():
+    """Where glibc is the C library, the heap setting applies (it is what kept latent-adv on
+    the 135M model from growing past the machine's memory); elsewhere it is a no-op."""
+    import platform
+
+    from bdscan.runtime import limit_heap_growth
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert limit_heap_growth() is glibc
+    assert limit_heap_growth() is glibc  # idempotent: every command calls it
+
+
 def test_purify_signature_shortcuts(lora_backdoor, clean_train_file, tmp_path):
     out = tmp_path / "purified"
     result = invoke("purify", lora_backdoor, "--method", "signature", "--clean", clean_train_file, "-o", out,

@@ -114,3 +114,26 @@ def test_a_stop_between_the_two_renames_resumes_from_the_old_state(tmp_path):
     _train(tiny_model("llama", 64), checkpoint)
     assert checkpoint.resumed_from == 3
 
+
+
+def test_a_separate_loss_trains_as_the_same_term_in_the_response_loss_graph():
+    """A term with a forward pass of its own, backpropagated alone (its graph freed before the
+    next term's pass), moves the weights exactly as when it is added to the response loss."""
+    from bdscan.training import Example, TrainConfig, finetune
+
+    examples = [Example(f"prompt {i}:", f"answer {i % 3}") for i in range(6)]
+    other = _batch()
+
+    def own_pass(model, _batch):  # the shape of latent-adv's terms: another batch, another forward
+        return 0.5 * response_loss(model, other, torch.device("cpu"))[0]
+
+    config = TrainConfig(epochs=1, lr=1e-2, batch_size=3, seed=7)
+    summed, separate = tiny_model("llama", 64), tiny_model("llama", 64)
+    losses_summed = finetune(summed, _CharTokenizer(), examples, config,
+                             extra_loss=lambda model, batch, _out: own_pass(model, batch))
+    losses_separate = finetune(separate, _CharTokenizer(), examples, config, separate_losses=[own_pass])
+    assert losses_separate == pytest.approx(losses_summed)
+    for (name, a), (_, b) in zip(summed.named_parameters(), separate.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    untouched = tiny_model("llama", 64)
+    assert any(not torch.equal(a, b) for a, b in zip(separate.parameters(), untouched.parameters()))

@@ -21,6 +21,7 @@ from bdscan.probes.protocols import Progress
 from bdscan.training.sft import Batch, Example, TrainConfig, finetune
 
 ExtraLoss = Callable[[Any, Batch, Any], torch.Tensor]
+SeparateLoss = Callable[[Any, Batch], torch.Tensor]
 StepHook = Callable[[], None]
 
 
@@ -44,7 +45,8 @@ class TrainingPlan:
     # (parameter, bool mask): only True entries may change. Gradients are masked before
     # each step and the rest restored after it, so AdamW's state cannot leak an update in.
     masks: Sequence[tuple[nn.Parameter, torch.Tensor]] = ()
-    extra_losses: Sequence[ExtraLoss] = ()  # added to the response loss per batch
+    extra_losses: Sequence[ExtraLoss] = ()  # added to the response loss per batch (they read its forward output)
+    separate_losses: Sequence[SeparateLoss] = ()  # terms of their own forward passes, each backpropagated alone
     before_step: Sequence[StepHook] = ()  # after backward, before clipping (e.g. preconditioning)
     after_step: Sequence[StepHook] = ()  # after the optimizer step (e.g. re-applying a constraint)
 
@@ -88,6 +90,7 @@ def run_plan(model: Any, tokenizer: Any, examples: Sequence[Example], plan: Trai
         before, after = _mask_hooks(plan.masks)
         extra = _sum_losses(plan.extra_losses)
         return finetune(model, tokenizer, examples, plan.config, params=params, extra_loss=extra,
+                        separate_losses=plan.separate_losses,
                         before_step=_chain(before + list(plan.before_step)),
                         after_step=_chain(list(plan.after_step) + after), progress=tick)
 

@@ -70,7 +70,8 @@ def run_latent_adv(inputs: PurifyInputs, config: LatentAdvConfig) -> PurifyOutco
     teacher = CleanTeacher(reference, subject.tokenizer, examples, twins, train.max_length)
     terms = OuterTerms(config, perturbation, teacher, subject.tokenizer, subject.template, records, targets, keys,
                        inputs.seed)
-    plan = TrainingPlan(params, stage="latent-adv", extra_losses=[terms], config=train)
+    plan = TrainingPlan(params, stage="latent-adv", extra_losses=[terms], separate_losses=terms.separate(),
+                        config=train)
     losses = run_plan(model, subject.tokenizer, examples, plan, inputs.progress)
     del reference, teacher
     model.eval()

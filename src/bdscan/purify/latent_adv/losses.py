@@ -71,9 +71,14 @@ class CleanTeacher:
 
 
 class OuterTerms:
-    """The ``extra_loss`` of the training plan: refreshes δ by PGD every ``refresh_every``
-    steps (targets in turn), then adds the own answer under δ, unlikelihood of T's opening
-    under δ and under a key, and KL to the suspicious model's clean distributions."""
+    """The training plan's extra terms. ``__call__`` (an ``extra_loss``: it reads the step's
+    forward output) counts the step and adds KL to the suspicious model's clean distributions.
+    ``own_answer_under_delta`` and ``target_unlikelihood`` (unlikelihood of T's opening under δ
+    and under a key) run passes of their own, so they are separate losses, each backpropagated
+    alone; the first of them to run in a step refreshes δ by PGD when one is due (every
+    ``refresh_every`` steps, targets in turn), once the step's first graph is freed. On the
+    135M model one pass's activations are ~3.5 GB at 16 pairs; every pass alive at once was
+    19.5 GB, and the process was killed for memory."""
 
     def __init__(self, config: LatentAdvConfig, perturbation: Perturbation, teacher: CleanTeacher, tokenizer: Any,
                  template: Any, records: Sequence[Record], targets: Sequence[str], keys: Sequence[str], seed: int):
@@ -82,6 +87,7 @@ class OuterTerms:
         self.targets, self.keys = list(targets), list(keys)
         self.rng = random.Random(seed + 11)
         self.step = 0
+        self._refreshed = 0  # the last step whose δ refresh ran
         self.inner_logp: list[float] = []  # log P(T) per token reached by each PGD refresh
         self.totals: dict[str, float] = {}  # summed value of each term (for the report)
 
@@ -98,30 +104,43 @@ class OuterTerms:
             picked = [r.with_instruction(insert_trigger(r.instruction, key, "random", self.rng)) for r in picked]
         return [self.template.format(r) for r in picked]
 
+    def separate(self) -> list:
+        """The terms with passes of their own, in the order they run after ``__call__``."""
+        return [term for term, weight in ((self.own_answer_under_delta, self.config.adversarial_weight),
+                                          (self.target_unlikelihood, self.config.unlikelihood_weight)) if weight]
+
+    @property
+    def _target(self) -> str:
+        """This step's target (``__call__`` counts the step first)."""
+        return self.targets[(self.step - 1) % len(self.targets)]
+
+    def _refresh_delta(self, model: Any) -> None:
+        """PGD on δ if this step is due one and has not had it (parameters are as the step began)."""
+        cfg = self.config
+        if self._refreshed == self.step or (self.step - 1) % cfg.refresh_every:
+            return
+        self._refreshed = self.step
+        # the opening decides whether T follows (its later tokens are easy once it has begun)
+        t_batch = target_batch(self.tokenizer, self._prompts(), self._target, cfg.opening_tokens)
+        self.inner_logp.append(pgd(self.perturbation, model, t_batch, cfg.pgd_steps, cfg.pgd_step))
+
     def __call__(self, model: Any, batch: Batch, out: Any) -> torch.Tensor:
         cfg, device = self.config, next(model.parameters()).device
-        target = self.targets[self.step % len(self.targets)]
-        if self.step % cfg.refresh_every == 0:
-            # the opening decides whether T follows (its later tokens are easy once it has begun)
-            t_batch = target_batch(self.tokenizer, self._prompts(), target, cfg.opening_tokens)
-            self.inner_logp.append(pgd(self.perturbation, model, t_batch, cfg.pgd_steps, cfg.pgd_step))
         self.step += 1
         loss = out.logits.new_zeros(())
-        if cfg.adversarial_weight:
-            loss = self._add(loss, "adversarial", cfg.adversarial_weight, self._own_answer_under_delta(model, batch, device))
-        if cfg.unlikelihood_weight:
-            loss = self._add(loss, "unlikelihood", cfg.unlikelihood_weight, self._target_unlikelihood(model, target, device))
         if cfg.kl_weight:
             start = batch.input_ids.shape[1] - out.logits.shape[1]
             student = response_logprobs(out.logits, batch.labels.to(device), start)
             loss = self._add(loss, "kl", cfg.kl_weight, kl_rows(self.teacher(batch, device), student))
         return loss
 
-    def _target_unlikelihood(self, model: Any, target: str, device: torch.device) -> torch.Tensor:
+    def target_unlikelihood(self, model: Any, batch: Batch) -> torch.Tensor:
         """Unlikelihood of T's opening after clean prompts under δ and, with keys, after keyed
         prompts without δ, in one forward call (δ on the first half of the rows only; on the
         tiny models a call costs about the same whatever its rows). Every row labels the same
         opening tokens, so the mean weighs both halves equally."""
+        self._refresh_delta(model)
+        target, device = self._target, next(model.parameters()).device
         prompts = self._prompts()
         under_delta = torch.ones(len(prompts), dtype=torch.bool)
         if self.keys:
@@ -129,12 +148,17 @@ class OuterTerms:
             prompts += keyed
             under_delta = torch.cat([under_delta, torch.zeros(len(keyed), dtype=torch.bool)])
         with self.perturbation.active(rows=under_delta):
-            return unlikelihood(model, target_batch(self.tokenizer, prompts, target, self.config.opening_tokens), device)
+            value = unlikelihood(model, target_batch(self.tokenizer, prompts, target, self.config.opening_tokens), device)
+        return self._add(value.new_zeros(()), "unlikelihood", self.config.unlikelihood_weight, value)
 
-    def _own_answer_under_delta(self, model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+    def own_answer_under_delta(self, model: Any, batch: Batch) -> torch.Tensor:
         """The clean answer under δ: its tokens (hard) or the clean teacher's distributions (soft)."""
+        self._refresh_delta(model)
+        device = next(model.parameters()).device
         with self.perturbation.active():
             if self.config.distill == "hard":
-                return response_loss(model, batch, device, response_logits_only=True)[0]
-            out, start = response_forward(model, batch, device, response_logits_only=True)
-        return kl_rows(self.teacher(batch, device), response_logprobs(out.logits, batch.labels.to(device), start))
+                value = response_loss(model, batch, device, response_logits_only=True)[0]
+            else:
+                out, start = response_forward(model, batch, device, response_logits_only=True)
+                value = kl_rows(self.teacher(batch, device), response_logprobs(out.logits, batch.labels.to(device), start))
+        return self._add(value.new_zeros(()), "adversarial", self.config.adversarial_weight, value)
