@@ -65,14 +65,14 @@ def run_head_align(inputs: PurifyInputs, config: HeadAlignConfig) -> PurifyOutco
     pad = pad_id(tokenizer)
     align_rng = random.Random(inputs.seed + 1)
 
-    def align_loss(model_: Any, batch: Any, out: Any) -> torch.Tensor:
+    def align_loss(model_: Any, batch: Any) -> torch.Tensor:  # passes of its own: a separate loss
         chosen = align_rng.sample(items, min(config.batch_size, len(items)))
         return config.align_weight * attention_kl(model_, chosen, heads, pad)
 
     with torch.no_grad():
         kl_before = float(attention_kl(model, items[: 4 * config.batch_size], heads, pad))
     lr = lr_for(subject.is_adapter, full=config.lr_full, adapter=config.lr_adapter)
-    plan = TrainingPlan([p for p, _m in masks], masks=masks, extra_losses=[align_loss], stage="head-align",
+    plan = TrainingPlan([p for p, _m in masks], masks=masks, separate_losses=[align_loss], stage="head-align",
                         config=TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch_size, seed=inputs.seed))
     losses = run_plan(model, tokenizer, clean_examples(subject, clean), plan, inputs.progress)
     model.eval()
