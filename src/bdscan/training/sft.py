@@ -146,8 +146,9 @@ def finetune(
     schedule. ``extra_loss`` adds a term per batch (EWC penalty, cluster loss, ...) to the
     response loss, in its graph (it reads the step's forward output). ``separate_losses`` are
     terms of their own forward passes: each is backpropagated as soon as it is computed and
-    its graph freed, so one pass's activations are alive at a time (latent-adv's three passes
-    held 19.5 GB together on the 135M model at 16 pairs a step, and were killed for memory).
+    its graph freed, so one pass's activations are alive at a time (~3.5 GB a pass for
+    latent-adv on the 135M model at 16 pairs a step; with all of them alive until one backward,
+    and a fragmenting heap, a real cell reached 19.5 GB and was killed for memory).
     ``before_step`` may rewrite gradients (K-FAC preconditioning); ``after_step`` may
     re-apply constraints (masks). ``resume`` saves the run's state as it goes and continues
     a saved one (resume.py). Returns the per-step loss (every term's sum)."""

@@ -77,8 +77,9 @@ class OuterTerms:
     and under a key) run passes of their own, so they are separate losses, each backpropagated
     alone; the first of them to run in a step refreshes δ by PGD when one is due (every
     ``refresh_every`` steps, targets in turn), once the step's first graph is freed. On the
-    135M model one pass's activations are ~3.5 GB at 16 pairs; every pass alive at once was
-    19.5 GB, and the process was killed for memory."""
+    135M model one pass's activations are ~3.5 GB at 16 pairs; with every pass alive until one
+    backward (and a fragmenting heap, ``runtime.limit_heap_growth``) a real cell reached
+    19.5 GB and was killed for memory."""
 
     def __init__(self, config: LatentAdvConfig, perturbation: Perturbation, teacher: CleanTeacher, tokenizer: Any,
                  template: Any, records: Sequence[Record], targets: Sequence[str], keys: Sequence[str], seed: int):
