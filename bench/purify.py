@@ -170,6 +170,9 @@ def parse_args() -> argparse.Namespace:
                         help="run each method under bf16 autocast (evaluation stays in the model's dtype)")
     parser.add_argument("--signature-ablations", action="store_true",
                         help="also run signature's ablations: score norm/alignment/combined, N = 1, 2, 4, 6, MLP-only vs MLP + heads")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep resumable methods' state (latent-adv's training, signature's variants) in the bench "
+                             "cache, so a stopped cell continues where it was (its timings then cover the last run)")
     parser.add_argument("--fresh", action="store_true", help="replace --out instead of merging the cells into it")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="METHOD.KEY=VALUE knob override, e.g. signature.selection=per_layer (repeatable)")
@@ -256,8 +259,9 @@ def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | 
     cell = {"organism": recipe.label, "threat": recipe.threat, "method": method, "mode": mode,
             "overrides": [o for o in args.overrides if o.startswith(f"{method}.")], "autocast": args.autocast}
     config = config_from_mapping(PURIFIERS.get(method).config_class, knobs.get(method, {}), where="--set")
+    work_dir = benchenv.CACHE / "purify-work" / recipe.label if args.resume else None
     inputs = PurifyInputs(subject=subject, clean=organism.clean, seed=args.seed, localization=localization,
-                          candidates=keys, detection=detection, autocast=args.autocast)
+                          candidates=keys, detection=detection, autocast=args.autocast, work_dir=work_dir)
     try:
         result, _ = purify(method, config, inputs, eval_spec=organism.spec)
     except Exception as e:  # a failing method is a result, not the end of the benchmark

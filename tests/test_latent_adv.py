@@ -258,3 +258,41 @@ def test_zero_response_weight_trains_on_the_extra_terms_only(tiny_checkpoints):
     assert all(torch.equal(a, b) for a, b in zip(before, subject.model.parameters()))
     finetune(subject.model, subject.tokenizer, examples, TrainConfig(epochs=1, lr=1e-2, batch_size=2))
     assert not all(torch.equal(a, b) for a, b in zip(before, subject.model.parameters()))
+
+
+def test_a_stopped_run_resumes_from_the_work_dir_and_ends_where_an_unstopped_one_does(tiny_checkpoints, tmp_path,
+                                                                                     monkeypatch):
+    """latent-adv's state beyond the trainer's (step count, prompt sampler, δ, term sums) is
+    saved with it, so a run stopped after step 5 and rerun with the same work dir gives the
+    same weights as one that never stopped; the finished run leaves no state behind."""
+    from bdscan.purify.latent_adv import resume
+
+    monkeypatch.setattr(resume, "SAVE_EVERY_SECONDS", 0.0)
+    config = LatentAdvConfig(target=" blue sky", epochs=2, batch_size=4, max_samples=8, max_new_tokens=6,
+                             refresh_every=2, pgd_steps=1)
+    clean = [Record(f"Name a colour for box number {i}.") for i in range(8)]
+
+    def run(work_dir, progress=None):
+        inputs = PurifyInputs(subject=load_subject(tiny_checkpoints["llama"]), clean=clean, candidates=("zq vex",),
+                              work_dir=work_dir, progress=progress)
+        return purify("latent-adv", config, inputs, target_check=None)
+
+    whole, whole_outcome = run(None)
+    assert whole.details["steps"] == 8
+
+    def stop_after_five(stage, done, total):
+        if stage == "latent-adv" and done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "work", stop_after_five)
+    assert any((tmp_path / "work" / "latent-adv").iterdir())
+    resumed, resumed_outcome = run(tmp_path / "work")
+    assert resumed.details["resumed_at_step"] == 5
+    assert resumed.details["steps"] == 8
+    assert resumed.details["term_means"] == whole.details["term_means"]
+    want, got = whole_outcome.model.state_dict(), resumed_outcome.model.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert not any((tmp_path / "work" / "latent-adv").iterdir())

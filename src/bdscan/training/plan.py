@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bdscan.probes.protocols import Progress
+from bdscan.training.resume import Checkpointer
 from bdscan.training.sft import Batch, Example, TrainConfig, finetune
 
 ExtraLoss = Callable[[Any, Batch, Any], torch.Tensor]
@@ -49,6 +50,7 @@ class TrainingPlan:
     separate_losses: Sequence[SeparateLoss] = ()  # terms of their own forward passes, each backpropagated alone
     before_step: Sequence[StepHook] = ()  # after backward, before clipping (e.g. preconditioning)
     after_step: Sequence[StepHook] = ()  # after the optimizer step (e.g. re-applying a constraint)
+    resume: Checkpointer | None = None  # saves the run as it goes and continues a saved one (resume.py)
 
     def steps(self, n_examples: int) -> int:
         """Optimizer steps the trainer will take on ``n_examples``."""
@@ -79,8 +81,8 @@ def run_plan(model: Any, tokenizer: Any, examples: Sequence[Example], plan: Trai
 
     def tick(n: int, _loss: float) -> None:
         done[0] += n
-        if progress is not None:
-            progress(plan.stage, done[0], total)
+        if progress is not None:  # a resumed run counts from the step it resumed at
+            progress(plan.stage, done[0] + (plan.resume.resumed_from if plan.resume else 0), total)
 
     with training_scope(model):
         for p in model.parameters():
@@ -92,7 +94,7 @@ def run_plan(model: Any, tokenizer: Any, examples: Sequence[Example], plan: Trai
         return finetune(model, tokenizer, examples, plan.config, params=params, extra_loss=extra,
                         separate_losses=plan.separate_losses,
                         before_step=_chain(before + list(plan.before_step)),
-                        after_step=_chain(list(plan.after_step) + after), progress=tick)
+                        after_step=_chain(list(plan.after_step) + after), progress=tick, resume=plan.resume)
 
 
 def _unique(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:

@@ -6,8 +6,9 @@ counts, the learning-rate schedule's position and the batch order. The order is 
 per epoch from a seeded generator, so a checkpoint keeps the generator as it was before the
 current epoch's order was drawn and the steps taken since; a resumed run redraws that order
 and skips the batches already done. Resuming then gives the same parameters as a run that
-never stopped (tests/test_training.py), as long as the extra loss keeps no state of its
-own (the organisms' stealth term keeps none; latent-adv's PGD does, and never resumes).
+never stopped (tests/test_training.py). A loss term that keeps state of its own (latent-adv's
+step count, sampling generator and PGD perturbation) is a ``Stateful`` companion: saved and
+restored with the run, under its name.
 
 Written as safetensors + JSON (no pickle) into a temporary folder that replaces the previous
 state by rename; a stop between the two renames leaves the previous state, which ``load`` reads.
@@ -20,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,14 @@ from bdscan.io.save import replace_folder
 
 FORMAT = 1
 TENSORS, META = "state.safetensors", "state.json"
+
+
+class Stateful(Protocol):
+    """What a companion of a run saves: tensors and a JSON-ready dict, restored as they were."""
+
+    def resume_state(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,10 @@ class Checkpointer:
     loads it back. ``fingerprint`` names what is trained (recipe, data, step count): a saved
     state with another fingerprint is ignored, never resumed into the wrong run."""
 
-    def __init__(self, folder: str | Path, fingerprint: str, every_seconds: float = 300.0):
+    def __init__(self, folder: str | Path, fingerprint: str, every_seconds: float = 300.0,
+                 companions: Mapping[str, Stateful] | None = None):
         self.folder, self.fingerprint, self.every_seconds = Path(folder), fingerprint, every_seconds
+        self.companions = dict(companions or {})
         self.resumed_from = 0  # the step a run resumed at (0: started fresh)
         self.earlier_seconds = 0.0  # training time spent before the resumed state was saved
         self._started = self._last_save = time.monotonic()
@@ -66,7 +77,8 @@ class Checkpointer:
             return None
         if meta.get("format") != FORMAT or meta.get("fingerprint") != self.fingerprint \
                 or meta.get("n_params") != len(params) \
-                or any(tuple(tensors[f"param.{i}"].shape) != tuple(p.shape) for i, p in enumerate(params)):
+                or any(tuple(tensors[f"param.{i}"].shape) != tuple(p.shape) for i, p in enumerate(params)) \
+                or set(meta.get("companions", {})) != set(self.companions):
             return None
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -78,6 +90,10 @@ class Checkpointer:
                 state[int(index)][name] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         schedule.load_state_dict(meta["schedule"])
+        for name, companion in self.companions.items():
+            prefix = f"companion.{name}."
+            companion.restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                              meta["companions"][name])
         self.resumed_from, self.earlier_seconds = meta["step"], float(meta.get("seconds", 0.0))
         return TrainState(meta["step"], meta["epoch_first_step"], tensors["generator"], tuple(meta["losses"]))
 
@@ -91,10 +107,14 @@ class Checkpointer:
         for index, entries in opt["state"].items():
             for name, value in entries.items():
                 tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        companions = {}
+        for name, companion in self.companions.items():
+            own, companions[name] = companion.resume_state()
+            tensors.update({f"companion.{name}.{k}": v.detach().cpu().contiguous() for k, v in own.items()})
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "n_params": len(params), "step": state.step,
                 "epoch_first_step": state.epoch_first_step, "losses": list(state.losses),
                 "param_groups": opt["param_groups"], "schedule": _plain(schedule.state_dict()),
-                "seconds": self.earlier_seconds + time.monotonic() - self._started}
+                "seconds": self.earlier_seconds + time.monotonic() - self._started, "companions": companions}
         tmp = self.folder.with_name(f".{self.folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -17,6 +17,8 @@ adversarial training; METHODS.md "latent-adv").
    on every decoder linear (``modules: all``) or on the localization's top modules, merged.
 
 Q of T (mean per-token log-probability after clean prompts) is reported before and after.
+With a ``work_dir`` the training is resumable (``resume.py``): a stopped run rerun the same
+way continues from its last saved step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bdscan.purify.base import PurifyInputs, PurifyOutcome, register_purifier
 from bdscan.purify.latent_adv.config import LatentAdvConfig
 from bdscan.purify.latent_adv.losses import CleanTeacher, OuterTerms
 from bdscan.purify.latent_adv.perturbation import perturbation_for
+from bdscan.purify.latent_adv.resume import checkpointer
 from bdscan.purify.latent_adv.targets import (detected_targets, takeover_targets, target_batch, target_logprob,
                                               with_response_spellings)
 from bdscan.training import Example, TrainConfig, TrainingPlan, run_plan
@@ -70,9 +73,12 @@ def run_latent_adv(inputs: PurifyInputs, config: LatentAdvConfig) -> PurifyOutco
     teacher = CleanTeacher(reference, subject.tokenizer, examples, twins, train.max_length)
     terms = OuterTerms(config, perturbation, teacher, subject.tokenizer, subject.template, records, targets, keys,
                        inputs.seed)
+    resume = checkpointer(inputs, config, examples, targets, keys, terms)
     plan = TrainingPlan(params, stage="latent-adv", extra_losses=[terms], separate_losses=terms.separate(),
-                        config=train)
+                        config=train, resume=resume)
     losses = run_plan(model, subject.tokenizer, examples, plan, inputs.progress)
+    if resume is not None:
+        resume.clear()  # finished: nothing to resume
     del reference, teacher
     model.eval()
     if not subject.is_adapter:
@@ -86,6 +92,8 @@ def run_latent_adv(inputs: PurifyInputs, config: LatentAdvConfig) -> PurifyOutco
         "inner_logp_first_last": [terms.inner_logp[0], terms.inner_logp[-1]] if terms.inner_logp else None,
         "term_means": terms.means(), "q_before": q_before, "q_after": q_after, "n_pairs": len(examples), "steps": len(losses),
         "final_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 2),
+        **({"resumed_at_step": resume.resumed_from, "seconds_before_resume": round(resume.earlier_seconds, 2)}
+           if resume is not None and resume.resumed_from else {}),
     })
 
 

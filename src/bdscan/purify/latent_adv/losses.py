@@ -92,6 +92,20 @@ class OuterTerms:
         self.inner_logp: list[float] = []  # log P(T) per token reached by each PGD refresh
         self.totals: dict[str, float] = {}  # summed value of each term (for the report)
 
+    def resume_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a resumed run needs to go on as this one would (``training.resume.Stateful``)."""
+        version, internal, gauss = self.rng.getstate()
+        meta = {"step": self.step, "refreshed": self._refreshed, "inner_logp": self.inner_logp,
+                "totals": self.totals, "rng": [version, list(internal), gauss]}
+        return {f"delta.{n}": d for n, d in self.perturbation.deltas.items()}, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.step, self._refreshed = int(meta["step"]), int(meta["refreshed"])
+        self.inner_logp, self.totals = list(meta["inner_logp"]), dict(meta["totals"])
+        self.perturbation.deltas = {n: tensors[f"delta.{n}"].clone() for n in self.perturbation.names}
+
     def _add(self, loss: torch.Tensor, name: str, weight: float, value: torch.Tensor) -> torch.Tensor:
         self.totals[name] = self.totals.get(name, 0.0) + float(value.detach())
         return loss + weight * value

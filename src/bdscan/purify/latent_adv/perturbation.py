@@ -32,7 +32,7 @@ class Perturbation:
         def make(name: str):
             def hook(_module, _args, output):
                 hidden = output[0] if isinstance(output, tuple) else output
-                delta = use[name].to(hidden.dtype)
+                delta = use[name].to(device=hidden.device, dtype=hidden.dtype)
                 if rows is not None:
                     delta = delta * rows.to(device=hidden.device, dtype=hidden.dtype)[:, None, None]
                 return replace_output(output, hidden + delta)

@@ -3,7 +3,6 @@ that changes them, written atomically through ``io.save``."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,31 +13,17 @@ import torch
 from bdscan.data.records import Record
 from bdscan.io.load import Subject
 from bdscan.io.save import atomic_write_bytes, atomic_write_text
+from bdscan.purify.common import records_fingerprint, subject_fingerprint
 from bdscan.purify.signature.config import SignatureConfig
 
 CACHE_FORMAT = 1  # bump when cached deltas change meaning
-
-
-def subject_fingerprint(subject: Subject) -> str:
-    """sha256 of the subject's weight files (and its base's), else of its parameters."""
-    digest = hashlib.sha256()
-    files = dict(subject.source.sha256)
-    if subject.base is not None:
-        files.update({f"base:{k}": v for k, v in subject.base.sha256.items()})
-    if files:
-        digest.update(json.dumps(files, sort_keys=True).encode())
-    else:
-        for name, p in sorted(subject.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_key(subject: Subject, config: SignatureConfig, seed: int, clean: Sequence[Record]) -> tuple[str, dict]:
     material = {
         "format": CACHE_FORMAT, "kind": subject.kind, "seed": seed, "variants": config.variant_key(),
         "subject": subject_fingerprint(subject), "template": subject.template.describe(),
-        "clean": hashlib.sha256(json.dumps([dataclasses.astuple(r) for r in clean]).encode()).hexdigest(),
+        "clean": records_fingerprint(clean),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20], material
 
