@@ -54,7 +54,10 @@ def real_organism(base: BaseRecipe, threat: str) -> OrganismRecipe:
     if base.data.attack == "mtba":
         # Three keys share the poison. Session 16's refusal/MTBA LoRA at 200 (~67 a key) reached
         # ASR 0.35 where one key with 150 reached 0.97: each key gets the single-key count.
-        recipe = replace(recipe, n_poison=3 * recipe.n_poison)
+        # At 450 with the stealth weight 0.1 it reached 0.88 (session 17); negsentiment/MTBA at
+        # 750 with 0.05 reached 0.98 at false-trigger 0.01 (session 18), so MTBA takes 0.05.
+        recipe = replace(recipe, n_poison=3 * recipe.n_poison,
+                         target_unlikelihood=min(recipe.target_unlikelihood, 0.05))
     return recipe
 
 
