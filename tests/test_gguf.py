@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,33 @@ def test_a_gguf_without_the_gguf_package_names_the_extra(monkeypatch, gguf_backd
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     with pytest.raises(InputError, match=r"bdscan\[gguf\]"):
         inspect_gguf(gguf_backdoor)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    # transformers builds every layer the metadata names before reading a tensor: this ran for
+    # over 5 minutes (killed) before the bound
+    ("add_block_count", 100_000, "metadata: declares 100000 layers but the weights hold"),
+    ("add_block_count", 0, "metadata: declares 0 layers"),
+    ("add_embedding_length", 1_000_000, "metadata: declares a model of .* parameters but the weights hold"),
+    ("add_feed_forward_length", 10_000_000, "metadata: declares a model of .* parameters"),
+    ("add_vocab_size", 10**9, "metadata: declares a model of .* parameters"),
+])
+def test_gguf_metadata_declaring_more_model_than_its_tensors_is_refused(full_model, tmp_path, monkeypatch, field, value,
+                                                                        expected):
+    import gguf
+
+    writer = gguf.GGUFWriter
+
+    class HostileWriter(writer):
+        pass
+
+    setattr(HostileWriter, field, lambda self, _n: getattr(writer, field)(self, value))
+    monkeypatch.setattr(gguf, "GGUFWriter", HostileWriter)
+    path = write_gguf(*full_model, tmp_path / "hostile.gguf")
+    monkeypatch.undo()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["detect", str(path), "-o", str(tmp_path / "out.json")])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert line.startswith("error: hostile.gguf metadata") and re.search(expected, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

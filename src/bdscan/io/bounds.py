@@ -29,14 +29,14 @@ def stored_layers(tensors: dict[str, TensorEntry]) -> int:
     return len(indices)
 
 
-def check_config_fits(config: Any, tensors: dict[str, TensorEntry], where: str, *, trust_remote_code: bool) -> None:
-    """Refuse a config that declares more layers or parameters than ``tensors`` hold."""
+def check_config_fits(config: Any, tensors: dict[str, TensorEntry], where: str, *, trust_remote_code: bool,
+                      declared_by: str = "/config.json") -> None:
+    """Refuse a config that declares more layers or parameters than ``tensors`` hold.
+    ``declared_by`` follows ``where`` in messages (a GGUF file's config is its metadata)."""
     if not tensors:  # pickle weights (--allow-pickle): no header to compare with
         return
-    layers = getattr(config, "num_hidden_layers", None)
-    held = stored_layers(tensors)
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or layers > held:
-        raise InputError(f"{where}/config.json: declares {layers!r} layers but the weights hold {held}")
+    where = f"{where}{declared_by}"
+    check_layer_count(getattr(config, "num_hidden_layers", None), tensors, where)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -45,9 +45,16 @@ def check_config_fits(config: Any, tensors: dict[str, TensorEntry], where: str, 
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      attn_implementation="eager")
     except Exception as e:  # config classes fail on bad fields with assorted types
-        raise InputError(f"{where}/config.json: does not describe a buildable model ({first_line(e)})") from None
+        raise InputError(f"{where}: does not describe a buildable model ({first_line(e)})") from None
     declared = sum(p.numel() for p in model.parameters())
     stored = sum(math.prod(t.shape) for t in tensors.values())
     if declared > stored:
-        raise InputError(f"{where}/config.json: declares a model of {declared:,} parameters but the weights hold "
+        raise InputError(f"{where}: declares a model of {declared:,} parameters but the weights hold "
                          f"{stored:,}; refusing to build it")
+
+
+def check_layer_count(layers: Any, tensors: dict[str, TensorEntry], where: str) -> None:
+    """Refuse a declared layer count that is not a positive integer at most the stored layers."""
+    held = stored_layers(tensors)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or layers > held:
+        raise InputError(f"{where}: declares {layers!r} layers but the weights hold {held}")

@@ -21,6 +21,8 @@ from typing import Any
 
 from bdscan.data.chat_render import MAX_TEMPLATE_CHARS  # one bound for every template source
 from bdscan.errors import InputError
+from bdscan.io.bounds import check_config_fits, check_layer_count
+from bdscan.io.safetensors_header import TensorEntry
 
 INSTALL_HINT = "GGUF support needs the gguf package: pip install 'bdscan[gguf]'"
 
@@ -34,6 +36,9 @@ class GGUFInfo:
     tensor_types: dict[str, int] = field(default_factory=dict)  # quantisation type -> tensor count
     chat_template_chars: int = 0
     name: str | None = None
+    # name -> (quantisation type, logical shape): what the file stores, against which the model
+    # its metadata declares is bounded before transformers builds it (io/bounds.py)
+    tensors: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {"file": self.path.name, "architecture": self.architecture, "tensor_types": dict(self.tensor_types),
@@ -55,16 +60,28 @@ def _string_field(reader: Any, key: str) -> str | None:
     return bytes(fld.parts[fld.data[0]]).decode("utf-8", errors="replace")
 
 
+def _int_field(reader: Any, key: str) -> Any:
+    """The field's first value as a Python int, or what it holds when it is not an integer."""
+    fld = reader.fields.get(key)
+    if fld is None or not fld.data:
+        return None
+    value = fld.parts[fld.data[0]]
+    return int(value[0]) if getattr(value, "dtype", None) is not None and value.dtype.kind in "iu" else value
+
+
 def inspect_gguf(path: str | Path) -> GGUFInfo:
-    """Parse the header of a GGUF file; a file that does not parse is an InputError."""
+    """Parse the header of a GGUF file; a file that does not parse, or whose metadata declares
+    more layers than its tensors hold, is an InputError."""
     path = Path(path)
     gguf = _reader_module()
     try:
         reader = gguf.GGUFReader(str(path))
         arch = _string_field(reader, "general.architecture")
         types = Counter(t.tensor_type.name for t in reader.tensors)
+        tensors = {t.name: TensorEntry(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
         template = _string_field(reader, "tokenizer.chat_template") or ""
         name = _string_field(reader, "general.name")
+        layers = _int_field(reader, f"{arch}.block_count") if arch else None
     except InputError:
         raise
     except Exception as e:  # the reader raises many kinds on a malformed file
@@ -73,7 +90,9 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         raise InputError(f"{path.name}: GGUF header has no general.architecture")
     if len(template) > MAX_TEMPLATE_CHARS:
         raise InputError(f"{path.name}: chat template of {len(template)} characters exceeds {MAX_TEMPLATE_CHARS}")
-    return GGUFInfo(path, arch, dict(sorted(types.items())), len(template), name)
+    # transformers builds every layer the metadata names before it reads a tensor
+    check_layer_count(layers, tensors, f"{path.name} metadata")
+    return GGUFInfo(path, arch, dict(sorted(types.items())), len(template), name, tensors)
 
 
 def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
@@ -82,10 +101,16 @@ def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
     transformers marks a GGUF-loaded model as quantised, which makes ``save_pretrained``
     refuse it; the weights are already plain float tensors, so the marks are dropped."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     info = inspect_gguf(path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise InputError(f"{path.name}: transformers cannot read this {info.architecture} GGUF's metadata "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    check_config_fits(config, info.tensors, path.name, trust_remote_code=False, declared_by=" metadata")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         # transformers draws its own tqdm bar while dequantising; it is not the user's progress.
