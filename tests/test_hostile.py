@@ -261,6 +261,19 @@ def adapter_without_target_modules(tmp, fx):
     return a
 
 
+def adapter_rank_huge(tmp, fx):
+    """PEFT would allocate every LoRA factor at this rank before reading a tensor (25.6 GB)."""
+    a = _adapter(tmp, fx)
+    edit_json(a / "adapter_config.json", r=100_000_000)
+    return a
+
+
+def adapter_rank_pattern_huge(tmp, fx):
+    a = _adapter(tmp, fx)
+    edit_json(a / "adapter_config.json", rank_pattern={"q_proj": 100_000_000})
+    return a
+
+
 def adapter_missing_tensors(tmp, fx):
     a = _adapter(tmp, fx)
     state = load_file(a / "adapter_model.safetensors")
@@ -374,6 +387,8 @@ CASES = {
     "quantization_config": Case(quantised_config, 2, "quantised checkpoint"),
     "int8_adapter_tensors": Case(int8_adapter, 2, "integer tensors"),
     "adapter_without_target_modules": Case(adapter_without_target_modules, 2, "match no module"),
+    "adapter_rank_huge": Case(adapter_rank_huge, 2, r"declares rank 100000000 \(r\) but the adapter's tensors hold rank"),
+    "adapter_rank_pattern_huge": Case(adapter_rank_pattern_huge, 2, r"declares rank 100000000 \(q_proj\)"),
     "adapter_missing_tensors": Case(adapter_missing_tensors, 2, "have no tensors in the file"),
     "corrupt_adapter_tokenizer": Case(corrupt_adapter_tokenizer, 2, "tokenizer files do not load .*not fall back"),
     "corrupt_full_tokenizer": Case(corrupt_full_tokenizer, 2, "tokenizer files do not load"),

@@ -1,5 +1,5 @@
-"""The model a config.json declares must fit in the weights stored beside it, checked before
-transformers builds or allocates anything.
+"""The model a config.json (a GGUF file's metadata, an adapter_config.json) declares must fit
+in the weights stored beside it, checked before transformers or PEFT builds or allocates anything.
 
 transformers builds every layer the config names and allocates every parameter the
 checkpoint lacks before it reports them missing: ``num_hidden_layers: 2147483648`` in a
@@ -58,3 +58,20 @@ def check_layer_count(layers: Any, tensors: dict[str, TensorEntry], where: str) 
     held = stored_layers(tensors)
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1 or layers > held:
         raise InputError(f"{where}: declares {layers!r} layers but the weights hold {held}")
+
+
+def check_adapter_ranks(adapter_config: dict, tensors: dict[str, TensorEntry], where: str) -> None:
+    """Refuse LoRA ranks (``r``, ``rank_pattern``) above the largest rank the adapter's tensors
+    hold: PEFT allocates every factor at the declared rank before it reads a tensor (``r:
+    100000000`` asked for 25.6 GB for a 64-wide model, and a rank in the millions fills a
+    machine's memory)."""
+    if not tensors:  # pickle weights (--allow-pickle): no header to compare with
+        return
+    held = max([t.shape[0] for n, t in tensors.items() if "lora_A" in n and len(t.shape) == 2]
+               + [t.shape[1] for n, t in tensors.items() if "lora_B" in n and len(t.shape) == 2], default=0)
+    pattern = adapter_config.get("rank_pattern") or {}
+    declared = [("r", adapter_config.get("r", 8))] + (list(pattern.items()) if isinstance(pattern, dict) else [])
+    for name, rank in declared:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or rank > held:
+            raise InputError(f"{where}/adapter_config.json: declares rank {rank!r} ({name}) but the adapter's "
+                             f"tensors hold rank {held} at most")

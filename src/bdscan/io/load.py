@@ -16,7 +16,7 @@ import torch
 
 from bdscan.data.template import PromptTemplate, template_for
 from bdscan.errors import InputError, first_line
-from bdscan.io.bounds import check_config_fits
+from bdscan.io.bounds import check_adapter_ranks, check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.tokenizer import describe, has_tokenizer, load_tokenizer, tokenizer_differences
 from bdscan.placement import guard_half_precision_head
@@ -230,6 +230,7 @@ def _load_adapter(resolved: ResolvedSource, base: str | Path | None, *, allow_pi
     adapter_config = read_json_object(resolved.path / "adapter_config.json")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{resolved.path}: adapter type {str(adapter_config.get('peft_type'))!r} is not supported (LoRA only)")
+    check_adapter_ranks(adapter_config, resolved.tensors, str(resolved.path))
     base_name = base if base is not None else adapter_config.get("base_model_name_or_path")
     if not base_name or not isinstance(base_name, (str, Path)):
         raise InputError(f"{resolved.path}: adapter names no base model; pass --base PATH_OR_HUB_ID")
