@@ -79,6 +79,17 @@ def _nothing(o: dict) -> None:
     pass
 
 
+LAUGHS = "".join(f"{x}: &{x} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+                 for p, x in zip(["", *"abcdefg"], "abcdefgh"))
+
+
+def _recipe(text: str | bytes) -> Callable[[dict], None]:
+    def prepare(o: dict) -> None:
+        path = o["data"] / "recipe.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return prepare
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -114,6 +125,20 @@ ROWS = [
                                            "-o", "{out}/r.json"), 3, ("52,428,800 characters",), _huge_prompt_file),
     Row("localize --clean: one 50 MB prompt", ("localize", "{adapter}", "--clean", "{data}/huge.txt", "--trigger", "cf",
                                                "-o", "{out}/r.json"), 2, ("--clean", "52,428,800"), _huge_prompt_file),
+    # recipes: nested aliases expand to 43 million items that a knob's type check would walk
+    *[Row(f"purify --recipe: billion laughs under {knob!r}",
+          ("purify", "{adapter}", "--recipe", "{data}/recipe.yaml", "--clean", "{data}/clean.json", "-o", "{out}/p"),
+          2, ("recipe.yaml", "anchors and aliases are not allowed"),
+          _recipe(f"method: latent-adv\n{LAUGHS}{knob}: *h\n")) for knob in ("targets", "layers")],
+    Row("purify --recipe: 2 MB", ("purify", "{adapter}", "--recipe", "{data}/recipe.yaml", "--clean",
+                                  "{data}/clean.json", "-o", "{out}/p"), 2, ("recipe.yaml", "is not a recipe"),
+        _recipe("method: finetune\n" + "# pad\n" * 400_000)),
+    Row("purify --recipe: not UTF-8", ("purify", "{adapter}", "--recipe", "{data}/recipe.yaml", "--clean",
+                                       "{data}/clean.json", "-o", "{out}/p"), 2, ("recipe.yaml", "not UTF-8"),
+        _recipe(b"method: finetune\nlr: \xff\xfe\n")),
+    Row("purify --recipe: a 100,000-item knob is quoted short", ("purify", "{adapter}", "--recipe",
+        "{data}/recipe.yaml", "--clean", "{data}/clean.json", "-o", "{out}/p"), 2, ("'layers' must be", "..."),
+        _recipe("method: latent-adv\nlayers: [" + ", ".join(["x"] * 100_000) + "]\n")),
     # item 6: environment
     *[Row(f"BDSCAN_THREADS={v}", ("eval", "{adapter}", "--clean", "{data}/clean.json", "--trigger", "cf",
                                   "-o", "{out}/r.json"), 4, ("BDSCAN_THREADS",), env=(("BDSCAN_THREADS", v),))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,26 @@ from typing import Any, Mapping
 import yaml
 
 from bdscan.errors import InputError, UsageError
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of knobs
+# Values quoted in error messages: a hostile value (a list of millions) stays short.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 3, 6, 6, 6, 80, 80
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: nine lines of nested aliases make a list of 387
+    million items ("billion laughs"), which a knob's type check then walks. Recipes need none."""
+
+    def compose_node(self, parent, index):  # noqa: D401  (PyYAML's hook)
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"anchors and aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -64,11 +85,11 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], *, where: str) -> 
     for key, value in values.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            errors.append(f"unknown key {_SHOWN.repr(key)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
         ok, coerced = _type_ok(value, hints[key])
         if not ok:
-            errors.append(f"{key!r} must be {getattr(hints[key], '__name__', str(hints[key]))}, got {value!r}")
+            errors.append(f"{key!r} must be {getattr(hints[key], '__name__', str(hints[key]))}, got {_SHOWN.repr(value)}")
             continue
         kwargs[key] = coerced
     if errors:
@@ -84,8 +105,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"recipe not found: {p}")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise InputError(f"{p}: {p.stat().st_size:,} bytes is not a recipe (at most {MAX_RECIPE_BYTES:,})")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _yaml(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise InputError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -103,7 +128,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UsageError(f"--set expects key=value, got {pair!r}")
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml(raw)
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):
