@@ -89,3 +89,41 @@ def test_purify_inputs_lead_with_detects_recovered_key(tmp_path, detect_report):
     assert PurifyInputs(subject=None, clean=[], detection=result).candidates == ["takeover", "other", "found key"]
     v2 = dataclasses.replace(result, summary=dataclasses.replace(result.summary, recovered_key="found key"))
     assert PurifyInputs(subject=None, clean=[], detection=v2).candidates == ["found key", "takeover", "other"]
+
+
+def _target(text: str) -> dict:
+    return {"text": text, "token_ids": [1], "first_token": text[:1], "q": 0.9, "length": 1, "anchor": "response start"}
+
+
+@pytest.mark.parametrize("edit,message", [
+    # a crafted target of 5 million characters made purify allocate 2.5 GB and fail with an internal error
+    (lambda r: r["summary"].update(target="I" * 5_000_000), "summary.target has 5,000,000 characters"),
+    (lambda r: r["summary"].update(recovered_key="zq " * 2000), "summary.recovered_key has 6,000 characters"),
+    (lambda r: r.update(targets=[_target("t" * 5000)]), r"targets\[0\].text has 5,000 characters"),
+    # 100,000 targets ran one target check each: purify was still running after 300 s
+    (lambda r: r.update(targets=[_target(f"t{i}") for i in range(1000)]), "1,000 targets is more than detect writes"),
+    (lambda r: r.update(candidates=r["candidates"] * 5000), "5,000 candidates is more than detect writes"),
+])
+def test_detect_report_larger_than_detect_writes_is_refused(tmp_path, detect_report, edit, message):
+    from bdscan.io.reports import read_detect
+
+    path = detect_report(tmp_path / "d.json", [("key", 1.0)])
+    report = json.loads(path.read_text())
+    edit(report)
+    path.write_text(json.dumps(report))
+    with pytest.raises(InputError, match=f"--from-detect {path}: {message}"):
+        read_detect(path)
+
+
+def test_a_report_file_larger_than_any_report_is_refused_unread(tmp_path, monkeypatch):
+    from bdscan.io import reports
+
+    monkeypatch.setattr(reports, "MAX_REPORT_BYTES", 1000)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"candidates": [{"text": "k", "score": 1.0}] * 100}))
+    with pytest.raises(InputError, match="bytes is larger than any bdscan report"):
+        read_json_report(path, "--from-detect")
+    monkeypatch.undo()
+    path.write_text(json.dumps({"candidates": [{"text": "k" * 5000, "score": 1.0}]}))
+    with pytest.raises(InputError, match="more than detect writes"):
+        detect_candidates(path)
