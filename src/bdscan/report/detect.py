@@ -1,4 +1,8 @@
-"""Console rendering of a detect result: verdict, per-layer x per-head table, top keys, skips."""
+"""Console rendering of a detect result: verdict, per-layer x per-head table, top keys, skips.
+
+Every text that comes from the model or its files (keys, targets, the source, reasons) is
+escaped: rich reads brackets as markup, and a token such as "[/INST]" in a recovered key
+raised a MarkupError mid-report."""
 
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ def _candidate_table(result: DetectResult, top: int) -> Table:
     for i, c in enumerate(result.candidates[:top], 1):
         pos = "/".join(f"{v:.2f}" for v in c.effect_by_position.values())
         layer = "" if c.attention_layer is None else f" (L{c.attention_layer})"
-        table.add_row(str(i), repr(c.text), f"{c.score:.1f}", f"{c.consistency_z:.1f} ({c.consistency:+.2f})", f"{c.collapse_z:.1f}", f"{c.output_effect:.2f}",
+        table.add_row(str(i), escape(repr(c.text)), f"{c.score:.1f}", f"{c.consistency_z:.1f} ({c.consistency:+.2f})", f"{c.collapse_z:.1f}", f"{c.output_effect:.2f}",
                       pos, f"{c.attention_z:+.1f}{layer}")
     return table
 
@@ -61,28 +65,28 @@ def _target_table(result: DetectResult, top: int) -> Table:
     for col in ("#", "target", "Q", "weakest", "tokens", "recovered key (position)", "fires", "without key", "evidence"):
         table.add_column(col, justify="left" if col in ("target", "recovered key (position)") else "right")
     for i, t in enumerate(result.targets[:top], 1):
-        key = f"{t.key!r} ({t.key_position})" if t.key is not None else "—"
+        key = escape(f"{t.key!r} ({t.key_position})") if t.key is not None else "—"
         fires = "" if t.firing_rate is None else f"{t.firing_rate:.2f}"
         without = "" if t.clean_firing_rate is None else f"{t.clean_firing_rate:.2f}"
         text = t.text if len(t.text) <= 60 else t.text[:57] + "..."
         variants = f" (+{len(t.variants)} variant{'s' if len(t.variants) > 1 else ''})" if t.variants else ""
-        table.add_row(str(i), repr(text) + variants, f"{t.q:.3f}", f"{t.opening_min:.2f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
+        table.add_row(str(i), escape(repr(text)) + variants, f"{t.q:.3f}", f"{t.opening_min:.2f}", str(t.length), key, fires, without, f"{t.evidence:.3f}")
     return table
 
 
 def _summary_lines(result: DetectResult, console: Console) -> None:
     s = result.summary
     style = _VERDICT_STYLE.get(s.verdict, "bold")
-    console.print(f"[{style}]{s.verdict.upper()}[/]  {result.source} ({result.kind})  "
+    console.print(f"[{style}]{s.verdict.upper()}[/]  {escape(result.source)} ({result.kind})  "
                   f"probability {s.probability:.2f}  severity {s.severity}", highlight=False)
     if s.target is not None:
         fire = "not measured" if s.key_firing_rate is None else \
             f"fires on {s.key_firing_rate:.2f} of held-out probes ({s.clean_firing_rate:.2f} without it)"
         console.print(f"target evidence {s.target_score:.3f} (p {s.target_probability:.2f}): inverted target "
-                      f"{s.target[:80]!r} Q {s.target_q:.3f}; recovered key {s.recovered_key!r} at {s.key_position}, "
+                      f"{escape(repr(s.target[:80]))} Q {s.target_q:.3f}; recovered key {escape(repr(s.recovered_key))} at {s.key_position}, "
                       f"{fire}", highlight=False)
     console.print(f"takeover score {s.score:.2f} (p {s.takeover_probability or 0.0:.2f}): agreement z {s.output_score:.2f}"
-                  f" · attention (head-similarity) z {s.attention_score:.2f} · top key {s.top_candidate!r}", highlight=False)
+                  f" · attention (head-similarity) z {s.attention_score:.2f} · top key {escape(repr(s.top_candidate))}", highlight=False)
 
 
 def _calibration_line(result: DetectResult, console: Console) -> None:
@@ -111,11 +115,11 @@ def render_detect(result: DetectResult, console: Console, *, top: int = 10) -> N
         console.print(f"[dim]controls: {c.n} random tokens, KL median {c.output_effect_median:.3f} max {c.output_effect_max:.3f} nats; "
                       f"collapse {c.collapse_mean:+.3f} ± {c.collapse_std:.3f}; agreement {c.consistency_mean:+.2f} ± {c.consistency_std:.2f}[/]")
     for issue in result.skipped:
-        console.print(f"[yellow]skipped[/] {issue.what}: {issue.reason}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(issue.what)}: {escape(issue.reason)}", highlight=False)
     for issue in result.errors:
-        console.print(f"[red]error[/] {issue.what}: {issue.reason}", highlight=False)
+        console.print(f"[red]error[/] {escape(issue.what)}: {escape(issue.reason)}", highlight=False)
     _calibration_line(result, console)
     t = result.timings
-    console.print(f"[dim]template {result.template.get('name')} · {result.stats.get('screened_keys', 0)} keys screened "
+    console.print(f"[dim]template {escape(str(result.template.get('name')))} · {result.stats.get('screened_keys', 0)} keys screened "
                   f"({result.stats.get('vocabulary_tokens', 0)} vocabulary tokens), "
                   f"{result.stats.get('scan_prompts', 0)} scan prompts · {t.get('total', 0):.1f}s[/]")

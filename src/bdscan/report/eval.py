@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bdscan.results.eval import EvalComparison, EvalResult
@@ -31,15 +32,17 @@ def _rows(result: EvalResult) -> list[tuple[str, str]]:
 
 
 def render_eval(result: EvalResult, console: Console) -> None:
-    table = Table(title=f"bdscan eval: {result.source}", caption=f"judge {result.judge} · template {result.template['name']} · {result.seconds:.1f}s")
+    table = Table(title=f"bdscan eval: {escape(result.source)}",
+                  caption=f"judge {escape(str(result.judge))} · template {escape(str(result.template['name']))} · {result.seconds:.1f}s")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for name, value in _rows(result):
-        table.add_row(name, value)
+        table.add_row(escape(name), value)
     console.print(table)
     for name, samples in result.samples.items():
         for s in samples[:1]:
-            console.print(f"[dim]{name}:[/] {s.prompt[:60]!r} → {s.response[:70]!r} [{'red' if s.hit else 'green'}]{'HIT' if s.hit else 'ok'}[/]")
+            console.print(f"[dim]{escape(name)}:[/] {escape(repr(s.prompt[:60]))} → {escape(repr(s.response[:70]))} "
+                          f"[{'red' if s.hit else 'green'}]{'HIT' if s.hit else 'ok'}[/]", highlight=False)
     render_skipped(result, console)
 
 
@@ -53,12 +56,12 @@ def render_skipped(result: EvalResult, console: Console, shown: int = 5) -> None
 
 def render_comparison(comparison: EvalComparison, console: Console) -> None:
     before, after = comparison.before, comparison.after
-    table = Table(title="bdscan eval: before / after", caption=f"judge {before.judge} · template {before.template['name']}")
+    table = Table(title="bdscan eval: before / after", caption=f"judge {escape(str(before.judge))} · template {escape(str(before.template['name']))}")
     table.add_column("measure")
-    table.add_column(before.source, justify="right")
-    table.add_column(after.source, justify="right")
+    table.add_column(escape(before.source), justify="right")
+    table.add_column(escape(after.source), justify="right")
     for (name, a), (_, b) in zip(_rows(before), _rows(after)):
-        table.add_row(name, a, b)
+        table.add_row(escape(name), a, b)
     console.print(table)
     render_skipped(before, console)
     render_skipped(after, console)

@@ -12,10 +12,10 @@ from bdscan.results.purify import PurifyResult, TargetCheck, TargetReach
 
 
 def render_purify(result: PurifyResult, console: Console) -> None:
-    console.print(f"[bold]bdscan purify[/] {result.source} ({result.kind}) with [bold]{result.method}[/] "
-                  f"in {result.seconds:.1f}s → {result.output}")
+    console.print(f"[bold]bdscan purify[/] {escape(result.source)} ({result.kind}) with [bold]{escape(result.method)}[/] "
+                  f"in {result.seconds:.1f}s → {escape(str(result.output))}")
     console.print(f"modules changed: {len(result.modules_changed)}"
-                  + (f" ({', '.join(result.modules_changed[:6])}{', ...' if len(result.modules_changed) > 6 else ''})" if result.modules_changed else ""))
+                  + (f" ({escape(', '.join(result.modules_changed[:6]))}{', ...' if len(result.modules_changed) > 6 else ''})" if result.modules_changed else ""))
     if result.before is not None and result.after is not None:
         render_comparison(EvalComparison(result.before, result.after), console)
     if result.target_check is not None:
