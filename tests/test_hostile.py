@@ -287,6 +287,17 @@ def corrupt_adapter_tokenizer(tmp, fx):
     return a
 
 
+def backtracking_tokenizer_regex(tmp, fx):
+    """A pre-tokenizer regex that backtracks without end: the Rust tokenizer panics on ordinary
+    text with a BaseException (a traceback and exit 1 before the check)."""
+    a = _adapter(tmp, fx)
+    data = json.loads((a / "tokenizer.json").read_text())
+    split = {"type": "Split", "pattern": {"Regex": "((.)+)+x"}, "behavior": "Isolated", "invert": False}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, data["pre_tokenizer"]]}
+    (a / "tokenizer.json").write_text(json.dumps(data))
+    return a
+
+
 def corrupt_full_tokenizer(tmp, fx):
     f = _full(tmp, fx)
     (f / "tokenizer.json").write_bytes(b"\xff\xfe garbage")
@@ -391,6 +402,7 @@ CASES = {
     "adapter_rank_pattern_huge": Case(adapter_rank_pattern_huge, 2, r"declares rank 100000000 \(q_proj\)"),
     "adapter_missing_tensors": Case(adapter_missing_tensors, 2, "have no tensors in the file"),
     "corrupt_adapter_tokenizer": Case(corrupt_adapter_tokenizer, 2, "tokenizer files do not load .*not fall back"),
+    "backtracking_tokenizer_regex": Case(backtracking_tokenizer_regex, 2, "the tokenizer fails on ordinary text"),
     "corrupt_full_tokenizer": Case(corrupt_full_tokenizer, 2, "tokenizer files do not load"),
     "auto_map_in_config": Case(auto_map_config, 2, "config.json set 'auto_map'.*--trust-remote-code"),
     "auto_map_in_tokenizer_config": Case(auto_map_tokenizer_config, 2, "tokenizer_config.json set 'auto_map'"),
@@ -519,6 +531,24 @@ def test_error_messages_are_one_line_on_every_path(tmp_path):
     result = runner.invoke(app, ["detect", str(tmp_path / "[red]missing\nline")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert "[red]missing\\u000aline" in result.stderr
+
+
+def test_a_native_panic_anywhere_is_one_line_and_exit_2(monkeypatch, tmp_path):
+    """A native library's panic (pyo3's PanicException) is a BaseException, not an Exception."""
+
+    class NativePanic(BaseException):
+        pass
+
+    def panics(*args, **kwargs):
+        raise NativePanic("retry-limit-in-match over")
+
+    monkeypatch.setattr("bdscan.io.load_subject", panics)
+    monkeypatch.setattr("bdscan.io.load.load_subject", panics)
+    data = tmp_path / "clean.json"
+    data.write_text('["Say hello."]')
+    result = runner.invoke(app, ["eval", str(tmp_path), "--clean", str(data), "--trigger", "cf"])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and "NativePanic: retry-limit-in-match over" in result.stderr
 
 
 # --- regressions found by bench/fuzz.py ------------------------------------------------------

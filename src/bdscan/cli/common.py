@@ -74,7 +74,12 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
-        except Exception as e:  # an unexpected failure: still one line, exit 2
+        except (SystemExit, GeneratorExit):
+            raise
+        # an unexpected failure: still one line, exit 2. BaseException: a native library's panic
+        # (pyo3's PanicException, e.g. a tokenizer regex that backtracks without end) is not an
+        # Exception, and escaped as a traceback with exit 1, which a CI gate reads as "suspicious".
+        except BaseException as e:  # noqa: B036
             if os.environ.get("BDSCAN_DEBUG"):
                 traceback.print_exc()
             first = (str(e).strip().splitlines() or [""])[0]

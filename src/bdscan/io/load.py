@@ -18,7 +18,7 @@ from bdscan.data.template import PromptTemplate, template_for
 from bdscan.errors import InputError, first_line
 from bdscan.io.bounds import check_adapter_ranks, check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
-from bdscan.io.tokenizer import describe, has_tokenizer, load_tokenizer, tokenizer_differences
+from bdscan.io.tokenizer import check_tokenizer_runs, describe, has_tokenizer, load_tokenizer, tokenizer_differences
 from bdscan.placement import guard_half_precision_head
 from bdscan.runtime import Placement
 
@@ -163,6 +163,7 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
 
 
 def _check_tokenizer_fits(tokenizer: Any, model: Any, where: Path) -> None:
+    check_tokenizer_runs(tokenizer, where)
     n_embed = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_embed:
         raise InputError(

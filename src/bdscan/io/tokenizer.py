@@ -8,8 +8,11 @@ behaviour while every weight hash stays the same, so the difference is reported.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bdscan.errors import InputError, first_line
 
@@ -73,3 +76,41 @@ def tokenizer_differences(tok: Any, base: Any) -> list[str]:
 def describe(origin: str, differences: list[str] | None) -> dict:
     """The tokenizer entry of a subject's provenance."""
     return {"from": origin, "differs_from_base": bool(differences), "differences": list(differences or [])}
+
+
+def check_tokenizer_runs(tok: Any, where: Path | str) -> None:
+    """Encode ordinary text (the built-in probes, alone and joined) once, so that a tokenizer
+    whose files load but whose rules fail on text is refused here with one line. A
+    ``tokenizer.json`` may carry a regex that backtracks without end; the Rust tokenizer then
+    panics (``retry-limit-in-match over``) with a ``BaseException`` that is not an
+    ``Exception``, after writing its panic report to stderr."""
+    from importlib.resources import files
+
+    from bdscan.data.records import parse_records
+
+    probes = parse_records((files("bdscan") / "resources" / "probes.jsonl").read_text(encoding="utf-8"),
+                           "bdscan/resources/probes.jsonl", ".jsonl")
+    texts = [SAMPLE_TEXT] + [r.instruction for r in probes]
+    texts.append(" ".join(texts))
+    try:
+        with _native_stderr_silenced():
+            tok(texts, add_special_tokens=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: B036  (pyo3's PanicException derives from BaseException)
+        raise InputError(f"{where}: the tokenizer fails on ordinary text ({first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: native code (a Rust panic hook) writes
+    there directly, past Python's ``sys.stderr``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
