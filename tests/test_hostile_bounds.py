@@ -116,6 +116,12 @@ ROWS = [
         ("chat_template.jinja", "steps"), _template_file(CONTENT_LOOPS)),
     Row("template 300 KiB in tokenizer_config.json", ("detect", "{adapter}", *DETECT_FAST), 2,
         ("tokenizer_config.json", "262,144"), _template_in_config("{{ messages[0].content }}" + "y" * 300_000)),
+    # an empty prompt failed deep inside generation (IndexError, internal error)
+    Row("template renders nothing", ("eval", "{adapter}", "--clean", "{data}/clean.json", "--trigger", "cf",
+                                     "-o", "{out}/r.json"), 2, ("does not contain the user's message",),
+        _template_file("{{ '' }}")),
+    Row("template ignores the message", ("detect", "{adapter}", *DETECT_FAST), 2,
+        ("does not contain the user's message",), _template_file("<|user|> hello <|assistant|>")),
     Row("template syntax error", ("detect", "{adapter}", *DETECT_FAST), 2,
         ("chat_template.jinja",), _template_file("{% for m in messages %}{{ m.content }")),
     # item 5: a 50 MB one-line prompt never reaches the tokenizer

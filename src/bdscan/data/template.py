@@ -101,4 +101,10 @@ def template_for(tokenizer: Any) -> PromptTemplate:
         probe_template(chat, ("Hello.", "x" * MAX_PROMPT_CHARS), specials)
     except (RenderLimit, Exception) as e:  # also a syntax error, raise_exception() on a plain user turn
         raise _template_error(origin, e) from None
-    return PromptTemplate("chat_template", chat_template=chat, tokenizer=tokenizer, origin=origin)
+    template = PromptTemplate("chat_template", chat_template=chat, tokenizer=tokenizer, origin=origin)
+    # A template that drops the user's turn (renders "" or a constant) makes every prompt the same:
+    # a scan of it measures nothing, and an empty prompt failed deep inside generation.
+    sample = "Name a fruit."
+    if sample not in template.format(Record(sample)):
+        raise _template_error(origin, ValueError("its prompt does not contain the user's message"))
+    return template
