@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -31,6 +32,24 @@ def _chosen(row: list[int], eos: int | None) -> list[int]:
     return row[: row.index(eos) + 1] if eos is not None and eos in row else row
 
 
+@contextlib.contextmanager
+def _checkpoint_generation_config_set_aside(model: Any) -> Iterator[None]:
+    """Greedy decoding and nothing else: the checkpoint's ``generation_config.json`` is set
+    aside for the block. ``generate`` fills every field a call leaves unset from the model's
+    config (even with a ``generation_config`` passed), and one that suppresses the target's
+    first token (``suppress_tokens``, ``bad_words_ids``, a repetition penalty) would hide a
+    backdoor from eval while a server that ignores those fields still fires it."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(inner, "generation_config", None)
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def greedy_answers(
     model: Any,
@@ -55,14 +74,9 @@ def greedy_answers(
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                generated = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
+                with _checkpoint_generation_config_set_aside(model):
+                    generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             chosen.extend(_chosen(row, tokenizer.eos_token_id) for row in new_tokens.tolist())
