@@ -83,6 +83,10 @@ LAUGHS = "".join(f"{x}: &{x} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lo
                  for p, x in zip(["", *"abcdefg"], "abcdefgh"))
 
 
+def _lone_surrogate_data(o: dict) -> None:
+    (o["data"] / "surrogate.json").write_text('[{"instruction": "Name a fruit \\ud800 now."}]')
+
+
 def _recipe(text: str | bytes) -> Callable[[dict], None]:
     def prepare(o: dict) -> None:
         path = o["data"] / "recipe.yaml"
@@ -145,6 +149,13 @@ ROWS = [
     Row("purify --recipe: a 100,000-item knob is quoted short", ("purify", "{adapter}", "--recipe",
         "{data}/recipe.yaml", "--clean", "{data}/clean.json", "-o", "{out}/p"), 2, ("'layers' must be", "..."),
         _recipe("method: latent-adv\nlayers: [" + ", ".join(["x"] * 100_000) + "]\n")),
+    # text no tokenizer encodes: the Rust tokenizer raised a TypeError deep inside eval
+    Row("eval --clean: a lone surrogate escape", ("eval", "{adapter}", "--clean", "{data}/surrogate.json", "--trigger",
+                                                   "cf", "-o", "{out}/r.json"), 2, ("surrogate.json[0]", "not valid Unicode"),
+        _lone_surrogate_data),
+    *[Row(f"{cmd} --trigger: bytes that are not UTF-8", (cmd, "{adapter}", "--clean", "{data}/clean.json", *extra,
+                                                        "--trigger", "cf \udcff", "-o", "{out}/r"), 4,
+          ("--trigger", "not valid Unicode")) for cmd, extra in (("eval", ()), ("localize", ()), ("purify", ("-m", "finetune")))],
     # item 6: environment
     *[Row(f"BDSCAN_THREADS={v}", ("eval", "{adapter}", "--clean", "{data}/clean.json", "--trigger", "cf",
                                   "-o", "{out}/r.json"), 4, ("BDSCAN_THREADS",), env=(("BDSCAN_THREADS", v),))

@@ -48,7 +48,7 @@ def command(
 ) -> None:
     quiet_libraries()
     from bdscan.cli.outputs import check_report_file, given_inputs, subject_inputs
-    from bdscan.data.records import load_records, require_prompt_lengths
+    from bdscan.data.records import encodable, load_records, require_prompt_lengths
     from bdscan.errors import UsageError
     from bdscan.io import load_subject
     from bdscan.io.reports import detect_candidates
@@ -59,6 +59,8 @@ def command(
         raise UsageError("give exactly one of --trigger TEXT and --from-detect detect.json")
     if trigger is not None and not trigger.strip():
         raise UsageError("--trigger is empty")
+    if trigger is not None:
+        encodable(trigger, "--trigger", UsageError)
     try:
         config = LocalizeConfig(n_pairs=pairs, positions=tuple(p.strip() for p in positions.split(",") if p.strip()),
                                 max_new_tokens=max_new_tokens, heads=not no_heads, ekfac=ekfac, top_k=top,

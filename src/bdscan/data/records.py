@@ -48,11 +48,22 @@ def require_prompt_lengths(records: list[Record], what: str) -> list[Record]:
     return records
 
 
+def encodable(text: str, where: str, error: type[Exception] = InputError) -> str:
+    """``text``, or ``error`` when it holds lone surrogates, which no tokenizer encodes (the Rust
+    tokenizer raised a TypeError deep inside eval): JSON's unpaired \\ud800 escapes, or bytes
+    of a command-line argument that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{where}: text is not valid Unicode (a lone surrogate, or bytes that are not UTF-8)") from None
+    return text
+
+
 def _record_from(obj: object, where: str) -> Record:
     if isinstance(obj, str):
         if not obj.strip():
             raise InputError(f"{where}: empty prompt")
-        return Record(obj)
+        return Record(encodable(obj, where))
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected an object with 'instruction' or a string, got {type(obj).__name__}")
     instruction = obj.get("instruction", obj.get("prompt"))
@@ -61,7 +72,7 @@ def _record_from(obj: object, where: str) -> Record:
     for key in ("input", "output"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             raise InputError(f"{where}: '{key}' must be a string")
-    return Record(instruction, obj.get("input") or "", obj.get("output") or "")
+    return Record(*(encodable(text, where) for text in (instruction, obj.get("input") or "", obj.get("output") or "")))
 
 
 def parse_records(text: str, name: str, suffix: str) -> list[Record]:

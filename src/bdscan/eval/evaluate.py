@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from bdscan.data.judges import parse_judge
-from bdscan.data.records import Record
+from bdscan.data.records import Record, encodable
 from bdscan.data.triggers import insert_trigger
 from bdscan.errors import NothingToAnalyse, UsageError
 from bdscan.eval.prompts import fitting_prompts
@@ -40,6 +40,8 @@ class EvalSpec:
             raise UsageError("eval needs clean prompts (--clean)")
         if self.trigger is not None and not self.trigger.strip():
             raise UsageError("--trigger is empty")
+        if self.trigger is not None:
+            encodable(self.trigger, "--trigger", UsageError)
         parse_judge(self.judge)  # fail early on a bad judge spec
 
     def triggered_sets(self) -> dict[str, list[Record]]:
