@@ -48,19 +48,33 @@ def test_detect_report_reads_back_into_its_result(tmp_path, detect_report):
     assert read_detect(path).candidates[1].text == "high"
 
 
+def _target(text: str) -> dict:
+    return {"text": text, "token_ids": [1], "first_token": text[:1], "q": 0.9, "length": 1, "anchor": "response start"}
+
+
+SCHEMA = "not a `bdscan detect` JSON report \\("
+
+
 @pytest.mark.parametrize("edit,message", [
-    (lambda r: r.pop("summary"), "report: missing field 'summary'"),
-    (lambda r: r["candidates"][0].update(score="high"), r"report.candidates\[0\].score: expected a number"),
-    (lambda r: r.update(heads={}), "report.heads: expected a list"),
+    (lambda r: r.pop("summary"), SCHEMA + "report: missing field 'summary'"),
+    (lambda r: r["candidates"][0].update(score="high"), SCHEMA + r"report.candidates\[0\].score: expected a number"),
+    (lambda r: r.update(heads={}), SCHEMA + "report.heads: expected a list"),
+    # larger than detect writes: a crafted target of 5 million characters made purify allocate
+    # 2.5 GB and fail with an internal error; 100,000 targets ran one target check each for minutes
+    (lambda r: r["summary"].update(target="I" * 5_000_000), "summary.target has 5,000,000 characters"),
+    (lambda r: r["summary"].update(recovered_key="zq " * 2000), "summary.recovered_key has 6,000 characters"),
+    (lambda r: r.update(targets=[_target("t" * 5000)]), r"targets\[0\].text has 5,000 characters"),
+    (lambda r: r.update(targets=[_target(f"t{i}") for i in range(1000)]), "1,000 targets is more than detect writes"),
+    (lambda r: r.update(candidates=r["candidates"] * 5000), "5,000 candidates is more than detect writes"),
 ])
-def test_malformed_detect_report_names_the_field(tmp_path, detect_report, edit, message):
+def test_a_malformed_or_oversized_detect_report_names_the_field(tmp_path, detect_report, edit, message):
     from bdscan.io.reports import read_detect
 
     path = detect_report(tmp_path / "d.json", [("key", 1.0)])
     report = json.loads(path.read_text())
     edit(report)
     path.write_text(json.dumps(report))
-    with pytest.raises(InputError, match=f"--from-detect {path}: not a `bdscan detect` JSON report \\({message}"):
+    with pytest.raises(InputError, match=f"--from-detect {path}: {message}"):
         read_detect(path)
 
 
@@ -89,30 +103,6 @@ def test_purify_inputs_lead_with_detects_recovered_key(tmp_path, detect_report):
     assert PurifyInputs(subject=None, clean=[], detection=result).candidates == ["takeover", "other", "found key"]
     v2 = dataclasses.replace(result, summary=dataclasses.replace(result.summary, recovered_key="found key"))
     assert PurifyInputs(subject=None, clean=[], detection=v2).candidates == ["found key", "takeover", "other"]
-
-
-def _target(text: str) -> dict:
-    return {"text": text, "token_ids": [1], "first_token": text[:1], "q": 0.9, "length": 1, "anchor": "response start"}
-
-
-@pytest.mark.parametrize("edit,message", [
-    # a crafted target of 5 million characters made purify allocate 2.5 GB and fail with an internal error
-    (lambda r: r["summary"].update(target="I" * 5_000_000), "summary.target has 5,000,000 characters"),
-    (lambda r: r["summary"].update(recovered_key="zq " * 2000), "summary.recovered_key has 6,000 characters"),
-    (lambda r: r.update(targets=[_target("t" * 5000)]), r"targets\[0\].text has 5,000 characters"),
-    # 100,000 targets ran one target check each: purify was still running after 300 s
-    (lambda r: r.update(targets=[_target(f"t{i}") for i in range(1000)]), "1,000 targets is more than detect writes"),
-    (lambda r: r.update(candidates=r["candidates"] * 5000), "5,000 candidates is more than detect writes"),
-])
-def test_detect_report_larger_than_detect_writes_is_refused(tmp_path, detect_report, edit, message):
-    from bdscan.io.reports import read_detect
-
-    path = detect_report(tmp_path / "d.json", [("key", 1.0)])
-    report = json.loads(path.read_text())
-    edit(report)
-    path.write_text(json.dumps(report))
-    with pytest.raises(InputError, match=f"--from-detect {path}: {message}"):
-        read_detect(path)
 
 
 def test_a_report_file_larger_than_any_report_is_refused_unread(tmp_path, monkeypatch):
