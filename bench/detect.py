@@ -69,7 +69,7 @@ def plain_forward_seconds(subject, result, config) -> float:
     """Time plain forward passes (no attention capture, no scoring) over prompt sets of the
     same number and kind as the scan ran: clean probes, the screen, the full scan."""
     from bdscan.detect.candidates import inserted_prompts, sample_controls, vocabulary
-    from bdscan.detect.probes import builtin_probes
+    from bdscan.data.probes import builtin_probes
 
     records = list(config.probes) or builtin_probes()
     rng = random.Random(config.seed)
@@ -170,7 +170,7 @@ def lift_rank(subject, task: str | None) -> int | None:
     """Adapter: 0-based rank of the true target's first token by the adapter's logit change at the
     response start (how early an adapter-ranked inversion would reach it)."""
     from bdscan.detect import target_inversion as ti
-    from bdscan.detect.probes import builtin_probes
+    from bdscan.data.probes import builtin_probes
     from bdscan.organisms.datasets import TARGETS
 
     if not subject.is_adapter or task not in TARGETS:

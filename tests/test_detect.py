@@ -15,7 +15,7 @@ from bdscan.cli.app import app
 from bdscan.detect import DetectConfig, detect
 from bdscan.detect.attention import head_similarity, last_row_attention
 from bdscan.detect.calibration import THRESHOLD, at_or_above, probability, severity
-from bdscan.detect.probes import builtin_probes
+from bdscan.data.probes import builtin_probes
 from bdscan.errors import UsageError
 from bdscan.io import load_subject
 from bdscan.organisms.architectures import tiny_model

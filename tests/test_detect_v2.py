@@ -17,7 +17,7 @@ from bdscan.detect import target_inversion as ti
 from bdscan.detect import key_scoring as ks
 from bdscan.detect import target_scan as ts
 from bdscan.detect import trigger_recovery as tr
-from bdscan.detect.probes import builtin_probes
+from bdscan.data.probes import builtin_probes
 from bdscan.io import load_subject
 from bdscan.organisms.datasets import TARGETS
 from bdscan.results.detect import DetectResult

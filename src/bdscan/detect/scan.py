@@ -25,7 +25,7 @@ from bdscan.detect import verdict
 from bdscan.detect.config import DetectConfig
 from bdscan.detect.full_scan import FullScan, full_scan
 from bdscan.detect.output_effect import PassOutput, final_position_pass
-from bdscan.detect.probes import builtin_probes
+from bdscan.data.probes import builtin_probes
 from bdscan.detect.screen import screen_candidates
 from bdscan.detect.target_scan import RESPONSE_START, AFTER_ANSWER, StageStats, invert_targets, recover_keys
 from bdscan.errors import BdscanError, NothingToAnalyse

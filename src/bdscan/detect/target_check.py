@@ -25,7 +25,7 @@ import torch
 from bdscan.data.records import Record
 from bdscan.detect import target_inversion as ti
 from bdscan.detect.config import DetectConfig
-from bdscan.detect.probes import builtin_probes
+from bdscan.data.probes import builtin_probes
 from bdscan.detect.target_scan import RESPONSE_START, anchor_prefixes
 from bdscan.detect.verdict import TARGET_THRESHOLD
 

@@ -84,13 +84,9 @@ def check_tokenizer_runs(tok: Any, where: Path | str) -> None:
     ``tokenizer.json`` may carry a regex that backtracks without end; the Rust tokenizer then
     panics (``retry-limit-in-match over``) with a ``BaseException`` that is not an
     ``Exception``, after writing its panic report to stderr."""
-    from importlib.resources import files
+    from bdscan.data.probes import builtin_probes
 
-    from bdscan.data.records import parse_records
-
-    probes = parse_records((files("bdscan") / "resources" / "probes.jsonl").read_text(encoding="utf-8"),
-                           "bdscan/resources/probes.jsonl", ".jsonl")
-    texts = [SAMPLE_TEXT] + [r.instruction for r in probes]
+    texts = [SAMPLE_TEXT] + [r.instruction for r in builtin_probes()]
     texts.append(" ".join(texts))
     try:
         with _native_stderr_silenced():
