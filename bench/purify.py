@@ -17,6 +17,7 @@ Writes bench/results/purify.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -215,6 +216,18 @@ class Organism:
         self.spec = EvalSpec(clean=self.data.clean_test[: args.limit], poison=self.data.poison_test[: args.limit],
                              judge=self.data.task, seed=args.seed)
         self._detection = None
+        self._baseline = None
+
+    def baseline(self, subject):
+        """The suspicious model's evaluation and clean answers, measured once per organism:
+        every method's cell compares against the same "before" (as ``bdscan audit`` does),
+        which on the real model saves minutes of generation a cell. ``subject`` must not have
+        been changed by a method yet."""
+        from bdscan.eval.evaluate import evaluate_with_responses
+
+        if self._baseline is None:
+            self._baseline = evaluate_with_responses(subject, self.spec, None, None, None)
+        return self._baseline
 
     def detection(self, subject):
         if self._detection is None:
@@ -244,6 +257,7 @@ def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | 
     """One method in one mode on one organism: its row (an ``error`` row when it fails), or
     None when the mode has no trigger to give (a multi-key attack in ``given``)."""
     from bdscan.config import config_from_mapping
+    from bdscan.eval.evaluate import evaluate_with_responses
     from bdscan.io import load_subject
     from bdscan.purify import PURIFIERS, PurifyInputs, purify
     from bdscan.runtime import seed_everything
@@ -252,6 +266,7 @@ def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | 
     seed_everything(args.seed)
     subject = load_subject(organism.path)
     t0 = time.time()
+    before, before_answers = organism.baseline(subject)
     keys, detection, localization = trigger_source(organism, subject, method, mode)
     if mode != "blind" and not keys:
         console.print(f"[yellow]{recipe.label} {method} {mode}: no trigger known (multi-trigger attack); skipped[/]")
@@ -263,11 +278,12 @@ def run_cell(organism: Organism, method: str, mode: str, knobs: dict) -> dict | 
     inputs = PurifyInputs(subject=subject, clean=organism.clean, seed=args.seed, localization=localization,
                           candidates=keys, detection=detection, autocast=args.autocast, work_dir=work_dir)
     try:
-        result, _ = purify(method, config, inputs, eval_spec=organism.spec)
+        result, outcome = purify(method, config, inputs)
     except Exception as e:  # a failing method is a result, not the end of the benchmark
         console.print(f"[red]{recipe.label} {method} {mode}: {type(e).__name__}: {e}[/]")
         return {**cell, "error": f"{type(e).__name__}: {e}"}
-    before, after = result.before, result.after
+    purified = dataclasses.replace(subject, model=outcome.model)
+    after, _ = evaluate_with_responses(purified, organism.spec, None, before_answers, None)
     ppl_ratio = after.perplexity / before.perplexity if before.perplexity and after.perplexity else None
     row = {**cell, "asr_before": before.asr, "asr_after": after.asr, "ftr_before": before.false_trigger_rate,
            "ftr_after": after.false_trigger_rate, "ppl_before": before.perplexity, "ppl_after": after.perplexity,
