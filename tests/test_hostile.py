@@ -274,6 +274,29 @@ def adapter_rank_pattern_huge(tmp, fx):
     return a
 
 
+# PEFT matches these with `re`, which cannot be interrupted: (.*?)*[A-Z] backtracks without end
+# against a module name (bdscan's own matching gives up); (.*)*\.xyz hangs `re` but not the
+# `regex` package bdscan matches with, so it is refused for matching nothing.
+BACKTRACKING = r"(.*?)*[A-Z]"
+
+
+def _adapter_config(**changes):
+    def build(tmp, fx):
+        a = _adapter(tmp, fx)
+        edit_json(a / "adapter_config.json", **changes)
+        return a
+    return build
+
+
+def _adapter_rank_pattern(pattern: str):
+    def build(tmp, fx):
+        a = _adapter(tmp, fx)
+        rank = json.loads((a / "adapter_config.json").read_text())["r"]
+        edit_json(a / "adapter_config.json", rank_pattern={pattern: rank})
+        return a
+    return build
+
+
 def adapter_missing_tensors(tmp, fx):
     a = _adapter(tmp, fx)
     state = load_file(a / "adapter_model.safetensors")
@@ -401,6 +424,18 @@ CASES = {
     "adapter_rank_huge": Case(adapter_rank_huge, 2, r"declares rank 100000000 \(r\) but the adapter's tensors hold rank"),
     "adapter_rank_pattern_huge": Case(adapter_rank_pattern_huge, 2, r"declares rank 100000000 \(q_proj\)"),
     "adapter_missing_tensors": Case(adapter_missing_tensors, 2, "have no tensors in the file"),
+    "adapter_target_regex_backtracks": Case(_adapter_config(target_modules=BACKTRACKING), 2,
+                                            r"target_modules .* backtracks without end"),
+    "adapter_target_regex_hangs_re": Case(_adapter_config(target_modules=r"(.*)*\.xyz"), 2,
+                                          "target_modules .* matches no module of the base"),
+    "adapter_target_regex_invalid": Case(_adapter_config(target_modules="(q_proj"), 2,
+                                         "target_modules .* is not a valid regular expression"),
+    "adapter_exclude_regex_backtracks": Case(_adapter_config(exclude_modules=BACKTRACKING), 2,
+                                             r"exclude_modules .* backtracks without end"),
+    "adapter_rank_pattern_regex_backtracks": Case(_adapter_rank_pattern(BACKTRACKING), 2,
+                                                  r"rank_pattern .* backtracks without end"),
+    "adapter_modules_to_save_regex": Case(_adapter_config(modules_to_save=[BACKTRACKING]), 2,
+                                          "modules_to_save entries must be module names"),
     "corrupt_adapter_tokenizer": Case(corrupt_adapter_tokenizer, 2, "tokenizer files do not load .*not fall back"),
     "backtracking_tokenizer_regex": Case(backtracking_tokenizer_regex, 2, "the tokenizer fails on ordinary text"),
     "corrupt_full_tokenizer": Case(corrupt_full_tokenizer, 2, "tokenizer files do not load"),

@@ -16,6 +16,7 @@ import torch
 
 from bdscan.data.template import PromptTemplate, template_for
 from bdscan.errors import InputError, first_line
+from bdscan.io.adapter_patterns import resolve_patterns
 from bdscan.io.bounds import check_adapter_ranks, check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.tokenizer import check_tokenizer_runs, describe, has_tokenizer, load_tokenizer, tokenizer_differences
@@ -205,6 +206,11 @@ def _attach_adapter(base_model: Any, resolved: ResolvedSource) -> Any:
     try:
         config = LoraConfig.from_pretrained(resolved.path)
         config.inference_mode = True
+    except Exception as e:
+        raise InputError(f"{resolved.path}: adapter_config.json is not a LoRA config PEFT reads ({first_line(e)})") from None
+    # PEFT would run the config's regular expressions with `re`, which cannot be interrupted
+    resolve_patterns(config, [name for name, _ in base_model.named_modules()], str(resolved.path))
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
