@@ -5,6 +5,7 @@ would build from it. (Patterns that backtrack are rows of tests/test_hostile.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -34,17 +35,25 @@ def test_a_string_target_becomes_the_names_it_fully_matches():
     assert config.layers_to_transform is None and config.layers_pattern is None
 
 
+def _peft_value(patterns: dict, name: str):
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key whose pattern matches."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), None)
+
+
 def test_pattern_keys_become_exact_names_and_the_first_matching_key_wins():
-    config = _config(target_modules=["q_proj", "down_proj"],
-                     alpha_pattern={r"layers\.1\..*": 32, "q_proj": 4, "x.model.layers.1.mlp.down_proj": 64})
+    original = {r"layers\.1\..*": 32, "q_proj": 4, "x.model.layers.1.mlp.down_proj": 64}
+    config = _config(target_modules=["q_proj", "down_proj"], alpha_pattern=dict(original))
     resolve_patterns(config, NAMES, "a")
     resolved = config.alpha_pattern
-    assert resolved[r"model\.layers\.1\.self_attn\.q_proj"] == 32  # matched by the first key too
-    assert resolved[r"model\.layers\.0\.self_attn\.q_proj"] == 4
-    assert resolved[r"x\.model\.layers\.1\.mlp\.down_proj"] == 32  # the first key matches it as a suffix
-    # longest first: x.model.layers.1.mlp.down_proj's own entry precedes the name it ends with
-    keys = list(resolved)
-    assert keys.index(r"x\.model\.layers\.1\.mlp\.down_proj") < keys.index(r"model\.layers\.1\.mlp\.down_proj")
+    assert len(resolved) == 2  # one key per value
+    for name in NAMES[1:]:
+        assert _peft_value(resolved, name) == _peft_value(original, name), name
+    assert _peft_value(resolved, "model.layers.1.self_attn.q_proj") == 32  # the first key, not q_proj's
+    # an exact name does not match a longer name it ends (PEFT's (.*\.)? prefix is shut out)
+    only = _config(target_modules=["down_proj"], alpha_pattern={"^model.layers.1.mlp.down_proj": 8})
+    resolve_patterns(only, NAMES, "a")
+    assert _peft_value(only.alpha_pattern, "model.layers.1.mlp.down_proj") == 8
+    assert _peft_value(only.alpha_pattern, "x.model.layers.1.mlp.down_proj") is None
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -53,6 +62,8 @@ def test_pattern_keys_become_exact_names_and_the_first_matching_key_wins():
     ("exclude_modules", r"(.*?)*[A-Z]", "backtracks without end"),
     ("modules_to_save", ["lm_head|.*"], "must be module names"),
     ("rank_pattern", {"q_proj": 8, 3: 8}, "must hold strings"),
+    ("alpha_pattern", {"q_proj": "16"}, "values must be numbers"),
+    ("target_modules", [f"m{i}" for i in range(5000)], "5,000 entries"),
 ])
 def test_bad_patterns_are_one_line_errors(field, value, message):
     with pytest.raises(InputError, match=message):

@@ -24,6 +24,7 @@ from bdscan.errors import InputError, printable
 # Total matching time allowed per field over all module names; ordinary patterns take
 # microseconds per name, so this only ever stops a pattern that backtracks.
 MATCH_SECONDS = 2.0
+MAX_ENTRIES = 4096
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 
 
@@ -32,6 +33,8 @@ def resolve_patterns(config: Any, module_names: Sequence[str], where: str) -> No
     regular expression holds one; a pattern that is invalid or too slow is an ``InputError``."""
     names = [n for n in module_names if n]
     layered = _uses_layer_filter(config)
+    for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"):
+        _bound(getattr(config, field, None), field, where)
     if isinstance(config.target_modules, str):
         pattern = config.target_modules
         config.target_modules = _matching(pattern, names, "target_modules", where, _full)
@@ -79,10 +82,10 @@ def _compile(text: Any, field: str, where: str, wrap: str = "{}") -> Any:
 
 
 def _matching(text: str, names: Sequence[str], field: str, where: str,
-              match: Callable[[Any, str, float], Any], wrap: str = "{}") -> list[str]:
-    """The module names ``text`` matches, within MATCH_SECONDS in all."""
+              match: Callable[[Any, str, float], Any], wrap: str = "{}", deadline: float | None = None) -> list[str]:
+    """The module names ``text`` matches, by ``deadline`` (default: MATCH_SECONDS from now)."""
     pattern = _compile(text, field, where, wrap)
-    deadline = time.perf_counter() + MATCH_SECONDS
+    deadline = deadline if deadline is not None else time.perf_counter() + MATCH_SECONDS
     found = []
     for name in names:
         left = deadline - time.perf_counter()
@@ -99,19 +102,37 @@ def _matching(text: str, names: Sequence[str], field: str, where: str,
 
 
 def _exact_pattern_keys(patterns: Any, names: Sequence[str], field: str, where: str) -> dict[str, Any]:
-    """``{pattern: value}`` as PEFT reads it (the first key whose ``(.*\\.)?(KEY)$`` matches a
-    module wins) turned into ``{escaped module name: value}``, longest names first, so that a
-    name that ends another's dotted path cannot take its value."""
+    """``{pattern: value}`` as PEFT reads it (for each module, the first key whose
+    ``(.*\\.)?(KEY)$`` matches it) turned into one key per value that matches exactly the
+    modules given that value: an alternation of their escaped names behind ``(?<![\\s\\S])``,
+    which fails wherever PEFT's ``(.*\\.)?`` has consumed a prefix, so a name that ends another's
+    dotted path cannot take its value. One key per value keeps PEFT's per-module scan of the
+    keys short (a key per module would be thousands on a large model)."""
     if not isinstance(patterns, dict):
         raise InputError(f"{where}/adapter_config.json: {field} must be an object")
+    _bound(patterns, field, where)
+    deadline = time.perf_counter() + MATCH_SECONDS
     chosen: dict[str, Any] = {}
     for key, value in patterns.items():
-        for name in _matching(key, names, field, where, _suffix, wrap=r"(.*\.)?({})$"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}/adapter_config.json: {field} values must be numbers, got {printable(repr(value))[:80]}")
+        for name in _matching(key, names, field, where, _suffix, wrap=r"(.*\.)?({})$", deadline=deadline):
             chosen.setdefault(name, value)
-    return {re.escape(name): chosen[name] for name in sorted(chosen, key=len, reverse=True)}
+    groups: dict[Any, list[str]] = {}
+    for name, value in chosen.items():
+        groups.setdefault(value, []).append(name)
+    return {r"(?<![\s\S])(?:" + "|".join(re.escape(n) for n in group) + ")": value for value, group in groups.items()}
+
+
+def _bound(items: Any, field: str, where: str) -> None:
+    """More entries than a large model has modules is no adapter: PEFT compares every entry
+    with every module name (a 16 MiB config holds a million short names)."""
+    if isinstance(items, (list, tuple, set, dict)) and len(items) > MAX_ENTRIES:
+        raise InputError(f"{where}/adapter_config.json: {field} has {len(items):,} entries (at most {MAX_ENTRIES:,})")
 
 
 def _require_plain(items: Any, field: str, where: str) -> None:
+    _bound(items, field, where)
     if items is None:
         return
     for item in [items] if isinstance(items, str) else items:
