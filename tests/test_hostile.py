@@ -642,3 +642,21 @@ def test_eval_report_carries_provenance(full_backdoor, clean_file, trigger, tmp_
     assert result.exit_code == 0, result.stderr
     files = json.loads(out.read_text())["provenance"]["subject"]["files"]
     assert {f["role"] for f in files} == {"weights", "config", "tokenizer"}
+
+
+def test_output_format_switches_in_config_json_are_set_aside(full_backdoor, tmp_path):
+    """config.json may turn ModelOutputs into tuples (an internal error in every analysis),
+    return every layer's attentions on every pass, or turn the KV cache off; bdscan computes
+    with transformers' defaults whatever the checkpoint says."""
+    from bdscan.generation import greedy_generate
+
+    f = copy(full_backdoor, tmp_path / "full")
+    edit_json(f / "config.json", return_dict=False, output_attentions=True, output_hidden_states=True, use_cache=False)
+    subject = load_subject(f)
+    ids = subject.tokenizer("hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = subject.model(input_ids=ids)
+    assert out.logits.shape[-1] == subject.model.get_input_embeddings().weight.shape[0]
+    assert out.attentions is None and out.hidden_states is None
+    assert subject.model.config.use_cache is True
+    assert greedy_generate(subject.model, subject.tokenizer, [subject.template.format("hello")], max_new_tokens=2)

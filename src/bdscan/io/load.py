@@ -159,8 +159,22 @@ def _load_causal_lm(resolved: ResolvedSource, *, trust_remote_code: bool, dtype:
     except Exception as e:
         raise InputError(f"{resolved.path}: could not load the model ({first_line(e)})") from None
     _check_loading_info(resolved, info)
+    inference_defaults(model)
     model.eval()
     return model
+
+
+# Output-format switches a config.json may set, and the values bdscan computes with: every
+# analysis reads ModelOutput fields (``return_dict: false`` made them tuples: an internal
+# error), asks for hidden states or attentions where it needs them (returning them on every
+# pass multiplies memory), and decodes with the KV cache (``use_cache: false`` makes every
+# greedy answer quadratic). A purified checkpoint is written with these values.
+INFERENCE_DEFAULTS = {"return_dict": True, "output_attentions": False, "output_hidden_states": False, "use_cache": True}
+
+
+def inference_defaults(model: Any) -> None:
+    for name, value in INFERENCE_DEFAULTS.items():
+        setattr(model.config, name, value)
 
 
 def _check_tokenizer_fits(tokenizer: Any, model: Any, where: Path) -> None:
@@ -270,6 +284,7 @@ def _load_gguf_subject(resolved: ResolvedSource, base: str | Path | None, placem
     if base is not None:
         raise InputError(f"{resolved.gguf_file}: --base is only for adapters, but this is a GGUF model")
     model, tokenizer = load_gguf(resolved.gguf_file, dtype=placement.dtype)
+    inference_defaults(model)
     guard_half_precision_head(model, placement)
     _check_tokenizer_fits(tokenizer, model, resolved.gguf_file)
     model.to(placement.device)
