@@ -110,6 +110,7 @@ def test_calibrate_writes_the_profile_detect_reads_its_verdict_with(clean_report
     profile_file = tmp_path / "profile.json"
     r = runner.invoke(app, ["calibrate", *map(str, clean_reports), "-o", str(profile_file), "--name", "tiny llama"])
     assert r.exit_code == 0, r.output
+    assert "at most 67%" in r.output  # two controls: a new clean model tops them on one score 2 times in 3
     profile = load_profile(profile_file)
     assert profile.threshold == pytest.approx(3.5 + 2 * calibration.TEMPERATURE)
     assert profile.target_threshold == pytest.approx(0.12 + 2 * calibration.TARGET_TEMPERATURE)
@@ -122,6 +123,7 @@ def test_calibrate_writes_the_profile_detect_reads_its_verdict_with(clean_report
     cal, s = report["calibration"], report["summary"]
     assert cal["profile"] == "tiny llama" and cal["threshold"] == profile.threshold
     assert cal["profile_vocab_matches"] is True
+    assert cal["profile_false_alarm_bound"] == pytest.approx(2 / 3)
     assert s["probability"] == pytest.approx(max(profile.takeover_probability(s["score"]),
                                                  profile.target_probability(s["target_score"] or 0.0)))
 

@@ -63,10 +63,21 @@ class Profile:
                "profile_controls": len(self.controls)}
         if self.vocab_size is not None and vocab_size is not None:
             out["profile_vocab_matches"] = self.vocab_size == vocab_size
+        if self.controls:
+            out["profile_false_alarm_bound"] = false_alarm_bound(len(self.controls))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, **asdict(self), "controls": list(self.controls)}
+
+
+def false_alarm_bound(n_controls: int) -> float:
+    """The chance that a new clean model of the family is flagged, when the controls and the
+    new model are alike (exchangeable), whatever the scores' distribution. Each threshold lies
+    above the largest control's score, so the new model is flagged only if it scores above all
+    ``n`` controls on takeover (chance at most 1 / (n + 1)) or on target evidence (the same):
+    at most 2 / (n + 1). 67 % from 2 controls, 10 % from 19, 5 % from 39."""
+    return min(1.0, 2.0 / (n_controls + 1))
 
 
 def from_controls(reports: Sequence[Any], source: str) -> Profile:
