@@ -40,6 +40,15 @@ def test_malformed_data_names_the_problem(tmp_path, name, content, message):
         load_records(tmp_path / name)
 
 
+def test_an_oversized_data_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import bdscan.data.records as records
+
+    monkeypatch.setattr(records, "MAX_DATA_BYTES", 64)
+    (tmp_path / "big.jsonl").write_text('{"instruction": "x"}\n' * 10)
+    with pytest.raises(InputError, match="over 0 MiB"):
+        load_records(tmp_path / "big.jsonl")
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_records(tmp_path / "absent.json")

@@ -12,6 +12,9 @@ from bdscan.errors import InputError
 # tokenizer, or aborted it. 256 Ki characters is ~64k tokens of English, more context than
 # most models have; a longer prompt is skipped with this reason (or refused where it cannot be).
 MAX_PROMPT_CHARS = 256 * 1024
+# An instruction set is read whole; BackdoorLLM's largest split is a few MB, and a file of
+# gigabytes (a hostile or mistaken --clean/--probes) would be held in memory several times over.
+MAX_DATA_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ def load_records(path: str | Path, *, limit: int | None = None, what: str = "dat
         raise InputError(f"{what} file not found: {p}")
     if p.is_dir():
         raise InputError(f"{what} path is a directory, expected a .json, .jsonl or .txt file: {p}")
+    if p.stat().st_size > MAX_DATA_BYTES:
+        raise InputError(f"{what} file is over {MAX_DATA_BYTES >> 20} MiB, larger than any instruction set bdscan "
+                         f"reads: {p}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
