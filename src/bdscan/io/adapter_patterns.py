@@ -9,7 +9,7 @@ the load, and with it every CI gate that scans the adapter.
 
 bdscan evaluates the patterns itself, with the ``regex`` package (already installed: transformers
 depends on it), whose matching takes a timeout, against the base's module names. The config PEFT
-then gets names exact modules only, so PEFT matches what the patterns matched without running
+then names exact modules only, so PEFT matches what the patterns matched without running
 them. Items PEFT pastes into patterns must be plain dotted names.
 """
 
