@@ -221,18 +221,56 @@ class Organism:
     def baseline(self, subject):
         """The suspicious model's evaluation and clean answers, measured once per organism:
         every method's cell compares against the same "before" (as ``bdscan audit`` does),
-        which on the real model saves minutes of generation a cell. ``subject`` must not have
-        been changed by a method yet."""
+        which on the real model saves minutes of generation a cell. With ``--resume`` it is
+        kept in the work dir too, keyed by the weights and the evaluation, so a cell resumed
+        in another session does not measure it again. ``subject`` must not have been changed
+        by a method yet."""
         from bdscan.eval.evaluate import evaluate_with_responses
 
         if self._baseline is None:
-            self._baseline = evaluate_with_responses(subject, self.spec, None, None, None)
+            cached = self._baseline_file(subject)
+            if cached is not None and cached.exists():
+                self._baseline = read_baseline(cached)
+                self.console.print(f"[dim]before-evaluation from {cached}[/]")
+            else:
+                self._baseline = evaluate_with_responses(subject, self.spec, None, None, None)
+                if cached is not None:
+                    write_baseline(cached, *self._baseline)
         return self._baseline
+
+    def _baseline_file(self, subject) -> Path | None:
+        import hashlib
+
+        from bdscan.purify.common import records_fingerprint, subject_fingerprint
+
+        if not self.args.resume:
+            return None
+        spec = self.spec
+        key = hashlib.sha256(json.dumps([subject_fingerprint(subject), records_fingerprint(spec.clean),
+                                         records_fingerprint(spec.poison), spec.judge, spec.max_new_tokens,
+                                         spec.seed]).encode()).hexdigest()[:16]
+        return benchenv.CACHE / "purify-work" / self.recipe.label / f"before-{key}.json"
 
     def detection(self, subject):
         if self._detection is None:
             self._detection = cached_detection(self.path, subject, self.args.seed, self.console)
         return self._detection
+
+
+def write_baseline(path: Path, before, answers) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"before": before.to_dict(), "answers": dataclasses.asdict(answers)}))
+    tmp.replace(path)
+
+
+def read_baseline(path: Path):
+    from bdscan.generation import Answers
+    from bdscan.results.eval import EvalResult
+    from bdscan.results.parse import from_plain
+
+    data = json.loads(path.read_text())
+    return from_plain(EvalResult, data["before"], str(path)), Answers(**data["answers"])
 
 
 def trigger_source(organism: Organism, subject, method: str, mode: str):

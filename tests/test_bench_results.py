@@ -61,3 +61,18 @@ def test_fresh_or_another_size_starts_over(bench_purify, tmp_path):
 ])
 def test_meets_target_needs_all_four(bench_purify, change, meets):
     assert bench_purify.meets_target({**_row("a", "latent-adv"), **change}) is meets
+
+
+def test_the_before_evaluation_a_resumed_cell_reads_back_is_the_one_written(bench_purify, tmp_path):
+    from bdscan.generation import Answers
+    from bdscan.results.eval import EvalResult, Sample
+
+    before = EvalResult(source="s", kind="adapter", template={"name": "chat_template"}, judge="refusal", asr=0.75,
+                        asr_by_position={"start": 1.0, "end": 0.5}, false_trigger_rate=0.05, perplexity=6.1,
+                        agreement=None, n_poison=4, n_clean=2, samples={"clean": [Sample("p", "r", False)]},
+                        next_token_agreement=None)
+    answers = Answers(texts=["a b", ""], token_ids=[[1, 2, 0], []])
+    path = tmp_path / "work" / "before-x.json"
+    bench_purify.write_baseline(path, before, answers)
+    assert bench_purify.read_baseline(path) == (before, answers)
+    assert [p.name for p in path.parent.iterdir()] == ["before-x.json"]  # no temporary left
