@@ -2,12 +2,12 @@
 
     nice -n 5 python bench/fuzz.py [--scale 1.0] [--seed 0] [--time-limit 20]
 
-Mutates config.json, adapter_config.json, safetensors headers, tokenizer files and data
-files (JSON / JSONL / text instruction sets) of a tiny checkpoint and adapter built here,
+Mutates config.json, adapter_config.json, safetensors headers, GGUF headers, tokenizer files
+and data files (JSON / JSONL / text instruction sets) of a tiny checkpoint and adapter built here,
 and pushes each input through the library functions the CLI calls: ``load_subject`` (for
 config and adapter-config inputs: resolve, checks and a tiny model's load), ``resolve_source``
 (safetensors headers: the weight plan, the strict header reader and the safetensors
-library), ``load_tokenizer`` and ``load_records``. An input is *handled* when the call
+library; GGUF headers: the bounded header walk and the gguf package's reader), ``load_tokenizer`` and ``load_records``. An input is *handled* when the call
 returns or raises one of bdscan's errors (``BdscanError``: exit 2, 3 or 4 in the CLI); any
 other exception, or a call over the per-input time limit, is a *crash*, and hypothesis
 shrinks it to a minimal reproducer before it is recorded.
@@ -60,7 +60,9 @@ class Corpus:
     full: Path
     adapter: Path
     data: Path
+    gguf: Path
     original: dict[str, bytes]
+    gguf_slots: tuple[tuple[int, int], ...]  # (offset, width) of every u32/u64 count, length and type in the header
 
 
 def build_corpus(work: Path) -> Corpus:
@@ -68,6 +70,7 @@ def build_corpus(work: Path) -> Corpus:
     from peft import LoraConfig, get_peft_model
 
     from bdscan.organisms.architectures import tiny_model
+    from bdscan.organisms.gguf_export import write_gguf
     from bdscan.organisms.synthetic import synthetic_text
     from bdscan.organisms.tokenizer import train_tokenizer
 
@@ -77,6 +80,9 @@ def build_corpus(work: Path) -> Corpus:
     full = work / "full"
     model.save_pretrained(full, safe_serialization=True)
     tokenizer.save_pretrained(full)
+    gguf = work / "gguf" / "m.gguf"
+    gguf.parent.mkdir()
+    write_gguf(model, tokenizer, gguf)  # before PEFT wraps the model's modules in place
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = work / "adapter"
     peft_model.save_pretrained(adapter)
@@ -95,7 +101,25 @@ def build_corpus(work: Path) -> Corpus:
         "data.json": json.dumps(records).encode(),
         "data.jsonl": "\n".join(json.dumps(r) for r in records).encode(),
     }
-    return Corpus(full, adapter, data, original)
+    original["gguf"] = gguf.read_bytes()
+    return Corpus(full, adapter, data, gguf, original, gguf_integer_slots(gguf))
+
+
+def gguf_integer_slots(path: Path) -> tuple[tuple[int, int], ...]:
+    """Where the header's integers lie (the gguf package's reader reports each field's parts):
+    the lengths, counts and type ids a hostile file would forge, rather than random bytes."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    slots = [(8, 8), (16, 8)]  # tensor count, metadata key count
+    for fld in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
+        offset = fld.offset
+        for part in fld.parts:
+            if part.dtype in (np.uint32, np.uint64) and part.size == 1 and offset >= 24:
+                slots.append((offset, part.dtype.itemsize))
+            offset += part.nbytes
+    return tuple(sorted(set(slots)))
 
 
 # --- mutations -----------------------------------------------------------------------------
@@ -192,6 +216,20 @@ def safetensors_mutation(draw, original: bytes) -> bytes:
     return draw(byte_damage(body)) if draw(st.integers(0, 9)) == 0 else body
 
 
+SPECIAL_U64 = [0, 1, 2, 3, 4, 5, 9, 13, 255, 2**16 + 1, 2**21 + 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]
+
+
+@st.composite
+def gguf_mutation(draw, original: bytes, slots: tuple[tuple[int, int], ...]) -> bytes:
+    """A GGUF file with counts, lengths or type ids in its header forged; sometimes bytes broken."""
+    data = bytearray(original)
+    for _ in range(draw(st.integers(1, 3))):
+        offset, width = draw(st.sampled_from(slots))
+        value = draw(st.sampled_from(SPECIAL_U64) | st.integers(0, 2**16)) % (1 << (8 * width))
+        data[offset:offset + width] = value.to_bytes(width, "little")
+    return draw(byte_damage(bytes(data))) if draw(st.integers(0, 4)) == 0 else bytes(data)
+
+
 # --- the targets ---------------------------------------------------------------------------
 def _restore(corpus: Corpus) -> None:
     (corpus.full / "config.json").write_bytes(corpus.original["config"])
@@ -199,6 +237,7 @@ def _restore(corpus: Corpus) -> None:
     (corpus.full / "model.safetensors").write_bytes(corpus.original["safetensors"])
     (corpus.full / "tokenizer.json").write_bytes(corpus.original["tokenizer.json"])
     (corpus.full / "tokenizer_config.json").write_bytes(corpus.original["tokenizer_config.json"])
+    corpus.gguf.write_bytes(corpus.original["gguf"])
 
 
 def target_config(corpus: Corpus, data: bytes) -> None:
@@ -220,6 +259,13 @@ def target_safetensors(corpus: Corpus, data: bytes) -> None:
 
     (corpus.full / "model.safetensors").write_bytes(data)
     resolve_source(corpus.full)
+
+
+def target_gguf(corpus: Corpus, data: bytes) -> None:
+    from bdscan.io import resolve_source
+
+    corpus.gguf.write_bytes(data)
+    resolve_source(corpus.gguf)
 
 
 def target_tokenizer(corpus: Corpus, data: bytes, name: str) -> None:
@@ -251,6 +297,7 @@ TARGETS = [
            target_adapter_config),
     Target("safetensors header -> resolve_source", 0.25, lambda c: safetensors_mutation(c.original["safetensors"]),
            target_safetensors),
+    Target("GGUF header -> resolve_source", 0.10, lambda c: gguf_mutation(c.original["gguf"], c.gguf_slots), target_gguf),
     Target("tokenizer.json -> load_tokenizer", 0.08, lambda c: json_mutation(c.original["tokenizer.json"]),
            lambda c, d: target_tokenizer(c, d, "tokenizer.json")),
     Target("tokenizer_config.json -> load_tokenizer", 0.08, lambda c: json_mutation(c.original["tokenizer_config.json"]),
@@ -347,7 +394,8 @@ def render(rows: list[tuple[Target, Tally]], total_seconds: float, cpu: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", type=int, default=10_400, help="inputs in all, shared between the targets")
+    parser.add_argument("--inputs", type=int, default=11_440, help="inputs in all, shared between the targets")
+    parser.add_argument("--only", default=None, help="comma-separated substrings; fuzz the targets whose name has any")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds one input may take before it is a hang")
     parser.add_argument("--out", default=str(OUT))
@@ -369,8 +417,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bdscan-fuzz-") as work:
         corpus = build_corpus(Path(work))
         rows = []
+        total_share = sum(t.share for t in TARGETS)
         for i, target in enumerate(TARGETS):
-            rows.append((target, fuzz(target, corpus, max(1, round(args.inputs * target.share)), args.seed + i,
+            if args.only and not any(part in target.name for part in args.only.split(",")):
+                continue
+            rows.append((target, fuzz(target, corpus, max(1, round(args.inputs * target.share / total_share)), args.seed + i,
                                       args.time_limit)))
             print(f"{target.name}: {rows[-1][1].inputs} inputs, {len(rows[-1][1].crashes)} crashes", file=sys.stderr)
     total, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start

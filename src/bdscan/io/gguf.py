@@ -22,6 +22,7 @@ from typing import Any
 from bdscan.data.chat_render import MAX_TEMPLATE_CHARS  # one bound for every template source
 from bdscan.errors import InputError
 from bdscan.io.bounds import check_config_fits, check_layer_count
+from bdscan.io.gguf_header import check_gguf_header
 from bdscan.io.safetensors_header import TensorEntry
 
 INSTALL_HINT = "GGUF support needs the gguf package: pip install 'bdscan[gguf]'"
@@ -70,10 +71,12 @@ def _int_field(reader: Any, key: str) -> Any:
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
-    """Parse the header of a GGUF file; a file that does not parse, or whose metadata declares
-    more layers than its tensors hold, is an InputError."""
+    """Parse the header of a GGUF file; a file that does not parse, declares more than
+    ``gguf_header``'s bounds, or whose metadata declares more layers than its tensors hold, is
+    an InputError."""
     path = Path(path)
     gguf = _reader_module()
+    check_gguf_header(path)  # the reader's cost grows with the counts the header declares
     try:
         reader = gguf.GGUFReader(str(path))
         arch = _string_field(reader, "general.architecture")
