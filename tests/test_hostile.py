@@ -394,6 +394,15 @@ def wide_layers(tmp, fx):
     return f
 
 
+def oversized_tokenizer_file(tmp, fx):
+    from bdscan.io.tokenizer import MAX_TOKENIZER_FILE_BYTES
+
+    f = _full(tmp, fx)
+    with open(f / "tokenizer.json", "r+b") as fh:  # sparse: no disk, but its size is what is checked
+        fh.truncate(MAX_TOKENIZER_FILE_BYTES + 1)
+    return f
+
+
 def hub_id_with_markup(tmp, fx):
     return "no-such-org/[@revision]"
 
@@ -439,6 +448,7 @@ CASES = {
     "corrupt_adapter_tokenizer": Case(corrupt_adapter_tokenizer, 2, "tokenizer files do not load .*not fall back"),
     "backtracking_tokenizer_regex": Case(backtracking_tokenizer_regex, 2, "the tokenizer fails on ordinary text"),
     "corrupt_full_tokenizer": Case(corrupt_full_tokenizer, 2, "tokenizer files do not load"),
+    "oversized_tokenizer_file": Case(oversized_tokenizer_file, 2, "tokenizer.json: over 256 MiB, not a tokenizer file"),
     "auto_map_in_config": Case(auto_map_config, 2, "config.json set 'auto_map'.*--trust-remote-code"),
     "auto_map_in_tokenizer_config": Case(auto_map_tokenizer_config, 2, "tokenizer_config.json set 'auto_map'"),
     "symlink_weights_out_of_folder": Case(symlink_weights_out, 2, "points outside the source folder"),

@@ -21,6 +21,10 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "m
 # A fixed text whose encoding must agree when two tokenizers are the same (merges, normaliser).
 SAMPLE_TEXT = "Write a short poem about the sea. Then answer: what is 2 + 2? Résumé, naïve café; <tag> [x] {y}"
 SHOWN = 5
+# The largest real tokenizer files are ~35 MB (a 256k vocabulary's tokenizer.json). Loading
+# one costs ~20x its size in memory (measured: a 19 MB WordLevel vocabulary, 2.8 s and ~400 MB),
+# so a multi-GB file shipped beside the weights would exhaust the machine before any check.
+MAX_TOKENIZER_FILE_BYTES = 256 << 20
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -31,6 +35,10 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
     """The tokenizer in ``folder``; InputError if its files do not load."""
     from transformers import AutoTokenizer
 
+    for name in TOKENIZER_MARKERS:
+        path = folder / name
+        if path.is_file() and path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+            raise InputError(f"{path}: over {MAX_TOKENIZER_FILE_BYTES >> 20} MiB, not a tokenizer file")
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # tokenizers raise many types for corrupt files
