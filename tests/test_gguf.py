@@ -190,3 +190,44 @@ def test_gguf_metadata_declaring_more_model_than_its_tensors_is_refused(full_mod
     line = _one_error_line(result)
     assert line.startswith("error: hostile.gguf metadata") and re.search(expected, line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# Metadata of the wrong type or value: transformers reads it unchecked, and each of these
+# escaped as a TypeError, AttributeError, ZeroDivisionError or config validation error ("internal
+# error"); a NaN rope base loaded and made every logit NaN.
+HOSTILE_METADATA = {
+    "token-list-of-integers": ("add_token_list", lambda w, self, toks: self.add_array("tokenizer.ggml.tokens",
+                                                                                      list(range(len(toks)))),
+                               "cannot build a tokenizer from this llama GGUF .TypeError"),
+    "merges-of-integers": ("add_token_merges", lambda w, self, m: self.add_array("tokenizer.ggml.merges", [1, 2, 3]),
+                           "cannot build a tokenizer from this llama GGUF .AttributeError"),
+    "token-types-of-strings": ("add_token_types", lambda w, self, t: self.add_array("tokenizer.ggml.token_type",
+                                                                                    ["x"] * len(t)),
+                               "cannot build a tokenizer from this llama GGUF"),
+    "eos-id-a-string": ("add_eos_token_id", lambda w, self, i: self.add_string("tokenizer.ggml.eos_token_id", "x"),
+                        "cannot read this llama GGUF's metadata .*eos_token_id"),
+    "zero-attention-heads": ("add_head_count", lambda w, self, n: w.add_head_count(self, 0),
+                             "cannot read this llama GGUF's metadata .ZeroDivisionError"),
+    "width-a-string": ("add_embedding_length", lambda w, self, n: self.add_string("llama.embedding_length", "64"),
+                       "cannot read this llama GGUF's metadata .*hidden_size"),
+    "rope-base-nan": ("add_rope_freq_base", lambda w, self, f: w.add_rope_freq_base(self, float("nan")),
+                      "logits on ordinary text are not finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_METADATA))
+def test_gguf_metadata_of_the_wrong_type_is_one_line_exit_2(full_model, tmp_path, monkeypatch, case):
+    import gguf
+
+    method, override, expected = HOSTILE_METADATA[case]
+    writer = gguf.GGUFWriter
+    hostile = type("HostileWriter", (writer,), {method: lambda self, value: override(writer, self, value)})
+    monkeypatch.setattr(gguf, "GGUFWriter", hostile)
+    path = write_gguf(*full_model, tmp_path / "hostile.gguf")
+    monkeypatch.undo()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["detect", str(path), "-o", str(tmp_path / "out.json")])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert line.startswith("error: ") and "hostile.gguf" in line and re.search(expected, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

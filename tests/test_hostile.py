@@ -255,6 +255,31 @@ def int8_adapter(tmp, fx):
     return a
 
 
+def nan_in_full_weights(tmp, fx):
+    f = _full(tmp, fx)
+    state = load_file(f / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, f / "model.safetensors", metadata={"format": "pt"})
+    return f
+
+
+def inf_in_adapter_weights(tmp, fx):
+    a = _adapter(tmp, fx)
+    state = load_file(a / "adapter_model.safetensors")
+    name = sorted(k for k in state if "lora_B" in k)[0]
+    state[name][0, 0] = float("inf")
+    save_file(state, a / "adapter_model.safetensors")
+    return a
+
+
+def rope_theta_nan(tmp, fx):
+    f = _full(tmp, fx)
+    config = json.loads((f / "config.json").read_text())
+    config["rope_parameters"] = {**config.get("rope_parameters", {}), "rope_theta": float("nan")}
+    (f / "config.json").write_text(json.dumps(config))  # Python's json writes (and reads) NaN
+    return f
+
+
 def adapter_without_target_modules(tmp, fx):
     a = _adapter(tmp, fx)
     edit_json(a / "adapter_config.json", target_modules=None)
@@ -429,6 +454,9 @@ CASES = {
     "int8_weights_in_float_model": Case(int8_full, 2, "integer tensors"),
     "quantization_config": Case(quantised_config, 2, "quantised checkpoint"),
     "int8_adapter_tensors": Case(int8_adapter, 2, "integer tensors"),
+    "nan_in_full_weights": Case(nan_in_full_weights, 2, "weight model.norm.weight holds NaN or infinite values"),
+    "inf_in_adapter_weights": Case(inf_in_adapter_weights, 2, r"weight .*lora_B.* holds NaN or infinite values"),
+    "rope_theta_nan_in_config": Case(rope_theta_nan, 2, "logits on ordinary text are not finite"),
     "adapter_without_target_modules": Case(adapter_without_target_modules, 2, "match no module"),
     "adapter_rank_huge": Case(adapter_rank_huge, 2, r"declares rank 100000000 \(r\) but the adapter's tensors hold rank"),
     "adapter_rank_pattern_huge": Case(adapter_rank_pattern_huge, 2, r"declares rank 100000000 \(q_proj\)"),

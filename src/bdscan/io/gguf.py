@@ -17,10 +17,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bdscan.data.chat_render import MAX_TEMPLATE_CHARS  # one bound for every template source
-from bdscan.errors import InputError
+from bdscan.errors import InputError, first_line
 from bdscan.io.bounds import check_config_fits, check_layer_count
 from bdscan.io.gguf_header import check_gguf_header
 from bdscan.io.safetensors_header import TensorEntry
@@ -98,6 +98,21 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     return GGUFInfo(path, arch, dict(sorted(types.items())), len(template), name, tensors)
 
 
+@contextlib.contextmanager
+def _metadata_refused(path: Path, what: str) -> Iterator[None]:
+    """transformers reads a GGUF's metadata without checking its types: a token list of
+    integers, a string where an id belongs or zero attention heads surface as TypeError,
+    AttributeError, ZeroDivisionError or a validation error of its config classes. Any of them
+    is the file's fault, so it is an InputError naming the file. The Rust tokenizer's panic
+    (pyo3's PanicException) is a BaseException; memory exhaustion is not the file's fault."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, MemoryError, InputError):
+        raise
+    except BaseException as e:  # noqa: B036
+        raise InputError(f"{path.name}: transformers cannot {what} ({first_line(e)[:200]})") from None
+
+
 def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) dequantised from a GGUF file, ready to analyse or save.
 
@@ -108,21 +123,16 @@ def load_gguf(path: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
 
     path = Path(path)
     info = inspect_gguf(path)
-    try:
+    with _metadata_refused(path, f"read this {info.architecture} GGUF's metadata"):
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise InputError(f"{path.name}: transformers cannot read this {info.architecture} GGUF's metadata "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     check_config_fits(config, info.tensors, path.name, trust_remote_code=False, declared_by=" metadata")
-    try:
+    with _metadata_refused(path, f"build a tokenizer from this {info.architecture} GGUF"):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with _metadata_refused(path, f"load this {info.architecture} GGUF"):
         # transformers draws its own tqdm bar while dequantising; it is not the user's progress.
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                          dtype=dtype or torch.float32)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise InputError(f"{path.name}: transformers cannot load this {info.architecture} GGUF "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     tokenizer.init_kwargs.setdefault("gguf_file", path.name)  # messages name the file its template came from
     model.hf_quantizer = None
     model.is_quantized = False

@@ -19,6 +19,7 @@ from bdscan.errors import InputError, first_line
 from bdscan.io.adapter_patterns import resolve_patterns
 from bdscan.io.bounds import check_adapter_ranks, check_config_fits
 from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
+from bdscan.io.finite import check_finite
 from bdscan.io.tokenizer import check_tokenizer_runs, describe, has_tokenizer, load_tokenizer, tokenizer_differences
 from bdscan.placement import guard_half_precision_head
 from bdscan.runtime import Placement
@@ -272,6 +273,7 @@ def _load_adapter(resolved: ResolvedSource, base: str | Path | None, *, allow_pi
     model.eval()
     if device_map is None:
         model.to(placement.device)
+    check_finite(model, tokenizer, resolved.path)
     return Subject(model, tokenizer, "adapter", template_for(tokenizer), resolved, base=base_resolved,
                    tokenizer_report=report)
 
@@ -288,6 +290,7 @@ def _load_gguf_subject(resolved: ResolvedSource, base: str | Path | None, placem
     guard_half_precision_head(model, placement)
     _check_tokenizer_fits(tokenizer, model, resolved.gguf_file)
     model.to(placement.device)
+    check_finite(model, tokenizer, resolved.gguf_file)
     return Subject(model, tokenizer, "full", template_for(tokenizer), resolved, tokenizer_report=describe("source", None))
 
 
@@ -324,4 +327,5 @@ def load_subject(
     _check_tokenizer_fits(tokenizer, model, resolved.path)
     if device_map is None:
         model.to(placement.device)
+    check_finite(model, tokenizer, resolved.path)
     return Subject(model, tokenizer, "full", template_for(tokenizer), resolved, tokenizer_report=describe("source", None))
