@@ -173,23 +173,27 @@ def test_a_gguf_without_the_gguf_package_names_the_extra(monkeypatch, gguf_backd
 ])
 def test_gguf_metadata_declaring_more_model_than_its_tensors_is_refused(full_model, tmp_path, monkeypatch, field, value,
                                                                         expected):
+    line = _detect_on_hostile_gguf(full_model, tmp_path, monkeypatch, field,
+                                   lambda w, self, _n: getattr(w, field)(self, value))
+    assert line.startswith("error: hostile.gguf metadata") and re.search(expected, line), line
+
+
+def _detect_on_hostile_gguf(full_model, tmp_path, monkeypatch, method: str, override) -> str:
+    """Write the model as a GGUF whose writer's ``method`` is ``override(writer, self, value)``,
+    run detect on it, check exit 2, one line and nothing written; the line."""
     import gguf
 
     writer = gguf.GGUFWriter
-
-    class HostileWriter(writer):
-        pass
-
-    setattr(HostileWriter, field, lambda self, _n: getattr(writer, field)(self, value))
-    monkeypatch.setattr(gguf, "GGUFWriter", HostileWriter)
+    hostile = type("HostileWriter", (writer,), {method: lambda self, value: override(writer, self, value)})
+    monkeypatch.setattr(gguf, "GGUFWriter", hostile)
     path = write_gguf(*full_model, tmp_path / "hostile.gguf")
     monkeypatch.undo()
     before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(app, ["detect", str(path), "-o", str(tmp_path / "out.json")])
     assert result.exit_code == 2
     line = _one_error_line(result)
-    assert line.startswith("error: hostile.gguf metadata") and re.search(expected, line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    return line
 
 
 # Metadata of the wrong type or value: transformers reads it unchecked, and each of these
@@ -217,17 +221,6 @@ HOSTILE_METADATA = {
 
 @pytest.mark.parametrize("case", list(HOSTILE_METADATA))
 def test_gguf_metadata_of_the_wrong_type_is_one_line_exit_2(full_model, tmp_path, monkeypatch, case):
-    import gguf
-
     method, override, expected = HOSTILE_METADATA[case]
-    writer = gguf.GGUFWriter
-    hostile = type("HostileWriter", (writer,), {method: lambda self, value: override(writer, self, value)})
-    monkeypatch.setattr(gguf, "GGUFWriter", hostile)
-    path = write_gguf(*full_model, tmp_path / "hostile.gguf")
-    monkeypatch.undo()
-    before = sorted(p.name for p in tmp_path.iterdir())
-    result = CliRunner().invoke(app, ["detect", str(path), "-o", str(tmp_path / "out.json")])
-    assert result.exit_code == 2
-    line = _one_error_line(result)
+    line = _detect_on_hostile_gguf(full_model, tmp_path, monkeypatch, method, override)
     assert line.startswith("error: ") and "hostile.gguf" in line and re.search(expected, line), line
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
