@@ -22,6 +22,7 @@ Prints a table and writes bench/results/fuzz.json (inputs, crashes with reproduc
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -63,6 +64,8 @@ class Corpus:
     gguf: Path
     original: dict[str, bytes]
     gguf_slots: tuple[tuple[int, int], ...]  # (offset, width) of every u32/u64 count, length and type in the header
+    gguf_writer_inputs: tuple  # (model, tokenizer) that write_gguf writes again with one metadata value replaced
+    gguf_keys: tuple[str, ...]  # the metadata keys of the written file
 
 
 def build_corpus(work: Path) -> Corpus:
@@ -83,6 +86,7 @@ def build_corpus(work: Path) -> Corpus:
     gguf = work / "gguf" / "m.gguf"
     gguf.parent.mkdir()
     write_gguf(model, tokenizer, gguf)  # before PEFT wraps the model's modules in place
+    writer_inputs = (copy.deepcopy(model), tokenizer)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = work / "adapter"
     peft_model.save_pretrained(adapter)
@@ -102,7 +106,10 @@ def build_corpus(work: Path) -> Corpus:
         "data.jsonl": "\n".join(json.dumps(r) for r in records).encode(),
     }
     original["gguf"] = gguf.read_bytes()
-    return Corpus(full, adapter, data, gguf, original, gguf_integer_slots(gguf))
+    from gguf import GGUFReader
+
+    keys = tuple(k for k in GGUFReader(str(gguf)).fields if not k.startswith("GGUF."))
+    return Corpus(full, adapter, data, gguf, original, gguf_integer_slots(gguf), writer_inputs, keys)
 
 
 def gguf_integer_slots(path: Path) -> tuple[tuple[int, int], ...]:
@@ -230,6 +237,54 @@ def gguf_mutation(draw, original: bytes, slots: tuple[tuple[int, int], ...]) -> 
     return draw(byte_damage(bytes(data))) if draw(st.integers(0, 4)) == 0 else bytes(data)
 
 
+gguf_values = st.one_of(
+    st.sampled_from(SPECIAL_INTS) | st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.booleans(), st.sampled_from(SPECIAL_STRINGS) | st.text(max_size=12),
+    st.lists(st.integers(-10, 10**6), min_size=1, max_size=5), st.lists(st.text(max_size=6), min_size=1, max_size=5),
+    st.lists(st.floats(width=32, allow_nan=True), min_size=1, max_size=5))
+
+
+def _value_type(value):
+    """The GGUF type a drawn value is written as (integers by range, like a converter would)."""
+    from gguf import GGUFValueType
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        return GGUFValueType.get_type(value)
+    if 0 <= value < 2**32:
+        return GGUFValueType.UINT32
+    if -(2**31) <= value < 0:
+        return GGUFValueType.INT32
+    return GGUFValueType.UINT64 if value >= 0 else GGUFValueType.INT64
+
+
+@st.composite
+def gguf_metadata_mutation(draw, corpus) -> bytes:
+    """A well-formed GGUF whose one metadata value has another type or value: what reaches
+    transformers' GGUF reading, which trusts the types."""
+    import gguf
+
+    key, value = draw(st.sampled_from(corpus.gguf_keys)), draw(gguf_values)
+    if not -(2**63) <= (value if isinstance(value, int) else 0) < 2**64:
+        value = 0
+    writer = gguf.GGUFWriter
+
+    class HostileWriter(writer):
+        def add_key_value(self, k, v, vtype, sub_type=None):
+            if k == key:
+                v, vtype, sub_type = value, _value_type(value), None
+            super().add_key_value(k, v, vtype, sub_type)
+
+    from bdscan.organisms.gguf_export import write_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf.GGUFWriter = HostileWriter
+        try:
+            path = write_gguf(*corpus.gguf_writer_inputs, Path(tmp) / "m.gguf")
+        finally:
+            gguf.GGUFWriter = writer
+        return path.read_bytes()
+
+
 # --- the targets ---------------------------------------------------------------------------
 def _restore(corpus: Corpus) -> None:
     (corpus.full / "config.json").write_bytes(corpus.original["config"])
@@ -268,6 +323,13 @@ def target_gguf(corpus: Corpus, data: bytes) -> None:
     resolve_source(corpus.gguf)
 
 
+def target_gguf_load(corpus: Corpus, data: bytes) -> None:
+    from bdscan.io import load_subject
+
+    corpus.gguf.write_bytes(data)
+    load_subject(corpus.gguf)
+
+
 def target_tokenizer(corpus: Corpus, data: bytes, name: str) -> None:
     from bdscan.io.tokenizer import load_tokenizer
 
@@ -298,6 +360,7 @@ TARGETS = [
     Target("safetensors header -> resolve_source", 0.25, lambda c: safetensors_mutation(c.original["safetensors"]),
            target_safetensors),
     Target("GGUF header -> resolve_source", 0.10, lambda c: gguf_mutation(c.original["gguf"], c.gguf_slots), target_gguf),
+    Target("GGUF metadata -> load_subject", 0.05, gguf_metadata_mutation, target_gguf_load),
     Target("tokenizer.json -> load_tokenizer", 0.08, lambda c: json_mutation(c.original["tokenizer.json"]),
            lambda c, d: target_tokenizer(c, d, "tokenizer.json")),
     Target("tokenizer_config.json -> load_tokenizer", 0.08, lambda c: json_mutation(c.original["tokenizer_config.json"]),
@@ -394,7 +457,7 @@ def render(rows: list[tuple[Target, Tally]], total_seconds: float, cpu: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", type=int, default=11_440, help="inputs in all, shared between the targets")
+    parser.add_argument("--inputs", type=int, default=12_000, help="inputs in all, shared between the targets")
     parser.add_argument("--only", default=None, help="comma-separated substrings; fuzz the targets whose name has any")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds one input may take before it is a hang")
