@@ -29,19 +29,26 @@ def forward_seconds(model, ids) -> float:
     return time.perf_counter() - t
 
 
-def train_step_seconds(model, ids, autocast: str | None) -> float:
+def train_step_seconds(model, ids, autocast: str | None, repeats: int = 2) -> float:
+    """The fastest of ``repeats`` training steps, after one untimed step: the first step pays
+    for allocations and kernel selection, which once charged float32 (timed first) ~10x."""
     import torch
 
     from bdscan.training.sft import autocast_scope
 
+    def step() -> float:
+        t = time.perf_counter()
+        with autocast_scope(torch.device("cpu"), autocast):
+            out = model(input_ids=ids, logits_to_keep=16)
+        out.logits.float().logsumexp(-1).mean().backward()
+        model.zero_grad()
+        return time.perf_counter() - t
+
     model.train()
-    t = time.perf_counter()
-    with autocast_scope(torch.device("cpu"), autocast):
-        out = model(input_ids=ids, logits_to_keep=16)
-    out.logits.float().logsumexp(-1).mean().backward()
-    model.zero_grad()
+    step()
+    seconds = min(step() for _ in range(repeats))
     model.eval()
-    return time.perf_counter() - t
+    return seconds
 
 
 def main() -> None:
