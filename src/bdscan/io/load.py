@@ -18,8 +18,8 @@ from bdscan.data.template import PromptTemplate, template_for
 from bdscan.errors import InputError, first_line
 from bdscan.io.adapter_patterns import resolve_patterns
 from bdscan.io.bounds import check_adapter_ranks, check_config_fits
-from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.finite import check_finite
+from bdscan.io.resolve import ResolvedSource, read_json_object, resolve_source
 from bdscan.io.tokenizer import check_tokenizer_runs, describe, has_tokenizer, load_tokenizer, tokenizer_differences
 from bdscan.placement import guard_half_precision_head
 from bdscan.runtime import Placement
@@ -273,7 +273,6 @@ def _load_adapter(resolved: ResolvedSource, base: str | Path | None, *, allow_pi
     model.eval()
     if device_map is None:
         model.to(placement.device)
-    check_finite(model, tokenizer, resolved.path)
     return Subject(model, tokenizer, "adapter", template_for(tokenizer), resolved, base=base_resolved,
                    tokenizer_report=report)
 
@@ -290,7 +289,6 @@ def _load_gguf_subject(resolved: ResolvedSource, base: str | Path | None, placem
     guard_half_precision_head(model, placement)
     _check_tokenizer_fits(tokenizer, model, resolved.gguf_file)
     model.to(placement.device)
-    check_finite(model, tokenizer, resolved.gguf_file)
     return Subject(model, tokenizer, "full", template_for(tokenizer), resolved, tokenizer_report=describe("source", None))
 
 
@@ -312,10 +310,18 @@ def load_subject(
     resolved = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                               gguf_file=gguf_file)
     if resolved.gguf is not None:
-        return _load_gguf_subject(resolved, base, placement)
-    if resolved.kind == "adapter":
-        return _load_adapter(resolved, base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                             placement=placement)
+        subject = _load_gguf_subject(resolved, base, placement)
+    elif resolved.kind == "adapter":
+        subject = _load_adapter(resolved, base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                placement=placement)
+    else:
+        subject = _load_full(resolved, base, trust_remote_code=trust_remote_code, placement=placement)
+    check_finite(subject.model, subject.tokenizer, resolved.gguf_file or resolved.path)
+    return subject
+
+
+def _load_full(resolved: ResolvedSource, base: str | Path | None, *, trust_remote_code: bool,
+               placement: Placement) -> Subject:
     if base is not None:
         raise InputError(f"{resolved.path}: --base is only for adapters, but this is a full checkpoint")
     device_map = placement.device_map(resolved.weight_files)
@@ -327,5 +333,4 @@ def load_subject(
     _check_tokenizer_fits(tokenizer, model, resolved.path)
     if device_map is None:
         model.to(placement.device)
-    check_finite(model, tokenizer, resolved.path)
     return Subject(model, tokenizer, "full", template_for(tokenizer), resolved, tokenizer_report=describe("source", None))
